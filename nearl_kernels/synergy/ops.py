@@ -1,0 +1,130 @@
+"""USEformer block: input checks, launchers, autograd Function, custom ops, functional API.
+
+Layering (STYLE.md): kernels.py (raw Triton) -> launchers here -> the
+``nearl::synergy_fwd`` / ``nearl::synergy_bwd`` custom ops (CPU: reference
+maths; CUDA, or CPU under TRITON_INTERPRET=1: Triton) -> ``SynergyFunction``
+-> ``synergy_block()``.
+"""
+
+from typing import List, Mapping
+
+import torch
+
+from .._checks import check_heads, check_same_device, check_shape, check_tensor
+from .reference import PARAM_NAMES, synergy_reference
+
+MAX_HEAD_WIDTH = 128
+MAX_QUERIES = 128
+
+
+def _param_shapes(r: int, hidden: int) -> dict:
+    shapes = {name: (r,) for name in PARAM_NAMES}
+    shapes.update(w_q=(r, r), w_k=(r, r), w_v=(r, r), w_o=(r, r), w_1=(r, hidden), b_1=(hidden,), w_2=(hidden, r))
+    return shapes
+
+
+def _check_synergy_inputs(z, ctx, ctx_mask, params, n_heads) -> List[torch.Tensor]:
+    check_tensor("z", z, 3, "(G, M, r)")
+    check_tensor("ctx", ctx, 3, "(G, Lc, r)")
+    G, M, r = z.shape
+    rh = check_heads(r, n_heads)
+    if not 1 <= rh <= MAX_HEAD_WIDTH:
+        raise ValueError(f"head width r / n_heads must be in [1, {MAX_HEAD_WIDTH}]; got {rh}")
+    if not 1 <= M <= MAX_QUERIES:
+        raise ValueError(f"the number of synergy queries M = z.shape[1] must be in [1, {MAX_QUERIES}]; got {M}")
+    if ctx.shape[0] != G or ctx.shape[2] != r or ctx.shape[1] < 1:
+        raise ValueError(f"ctx must be (G, Lc, r) with G={G}, r={r}, Lc >= 1; got {tuple(ctx.shape)}")
+    if not isinstance(ctx_mask, torch.Tensor) or ctx_mask.dtype != torch.bool:
+        raise TypeError(f"ctx_mask must be a bool tensor (G, Lc); got {getattr(ctx_mask, 'dtype', type(ctx_mask))}")
+    check_shape("ctx_mask", ctx_mask, ctx.shape[:2], "(G, Lc)")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping of the names {PARAM_NAMES}; got {type(params).__name__}")
+    missing = [k for k in PARAM_NAMES if k not in params]
+    if missing:
+        raise ValueError(f"params is missing {missing}; a USEformer block needs {PARAM_NAMES}")
+    hidden = params["w_1"].shape[-1]
+    shapes = _param_shapes(r, hidden)
+    for name in PARAM_NAMES:
+        check_tensor(f"params[{name!r}]", params[name], len(shapes[name]), str(shapes[name]))
+        check_shape(f"params[{name!r}]", params[name], shapes[name], str(shapes[name]))
+    check_same_device(z=z, ctx=ctx, ctx_mask=ctx_mask, w_q=params["w_q"])
+    return [params[k] for k in PARAM_NAMES]
+
+
+def _as_params(flat: List[torch.Tensor]) -> dict:
+    return dict(zip(PARAM_NAMES, flat))
+
+
+@torch.library.custom_op("nearl::synergy_fwd", mutates_args=())
+def synergy_fwd(z: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor, params: List[torch.Tensor],
+                n_heads: int) -> torch.Tensor:
+    return synergy_reference(z, ctx, ctx_mask, _as_params(params), n_heads)
+
+
+@synergy_fwd.register_fake
+def _synergy_fwd_fake(z, ctx, ctx_mask, params, n_heads):
+    return torch.empty_like(z)
+
+
+@torch.library.custom_op("nearl::synergy_bwd", mutates_args=())
+def synergy_bwd(dz: torch.Tensor, z: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor,
+                params: List[torch.Tensor], n_heads: int) -> List[torch.Tensor]:
+    """Gradients for [z, ctx, *params] in PARAM_NAMES order."""
+    # Without Triton the backward is the vjp of the reference: the maths exists once.
+    _, vjp = torch.func.vjp(
+        lambda z_, c_, *p: synergy_reference(z_, c_, ctx_mask, _as_params(p), n_heads), z, ctx, *params
+    )
+    return [g.clone() for g in vjp(dz.to(z.dtype))]
+
+
+@synergy_bwd.register_fake
+def _synergy_bwd_fake(dz, z, ctx, ctx_mask, params, n_heads):
+    return [torch.empty_like(t) for t in (z, ctx, *params)]
+
+
+class SynergyFunction(torch.autograd.Function):
+    """Autograd glue for one USEformer block; the mask gets no gradient."""
+
+    @staticmethod
+    def forward(ctx_, z, ctx, ctx_mask, n_heads, *params):
+        ctx_.save_for_backward(z, ctx, ctx_mask, *params)
+        ctx_.n_heads = n_heads
+        return torch.ops.nearl.synergy_fwd(z, ctx, ctx_mask, list(params), n_heads)
+
+    @staticmethod
+    def backward(ctx_, dz):
+        z, ctx, ctx_mask, *params = ctx_.saved_tensors
+        dz_, dctx, *dparams = torch.ops.nearl.synergy_bwd(dz.contiguous(), z, ctx, ctx_mask, params, ctx_.n_heads)
+        return (dz_, dctx, None, None, *dparams)
+
+
+def synergy_block(
+    z: torch.Tensor,
+    ctx: torch.Tensor,
+    ctx_mask: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    n_heads: int = 2,
+    fused: bool = True,
+) -> torch.Tensor:
+    """One USEformer block: the synergy queries attend to their group's context.
+
+    Args:
+        z: synergy queries (G, M, r).
+        ctx: context (G, Lc, r), the group's down-projected image and text tokens.
+        ctx_mask: (G, Lc) bool, True for real tokens (text padding is False).
+        params: tensors by the names in ``nearl_kernels.synergy.PARAM_NAMES``:
+            LayerNorms (r,), q/k/v/o (r, r) with (r,) biases, FFN w_1 (r, f*r),
+            b_1 (f*r,), w_2 (f*r, r), b_2 (r,).
+        fused: route through the ``nearl::synergy_*`` custom ops (Triton on
+            CUDA); False calls the reference maths directly.
+
+    Returns:
+        the updated queries (G, M, r), dtype of z.
+
+    Example:
+        >>> z = synergy_block(z, torch.cat([h_v, h_t], 1), mask, block.params(), n_heads=2)
+    """
+    flat = _check_synergy_inputs(z, ctx, ctx_mask, params, n_heads)
+    if fused:
+        return SynergyFunction.apply(z, ctx, ctx_mask, n_heads, *flat)
+    return synergy_reference(z, ctx, ctx_mask, params, n_heads)

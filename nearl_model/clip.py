@@ -1,0 +1,326 @@
+"""NearlCLIP: a frozen open_clip CLIP with NEARL-CLIP adapters composed around its blocks."""
+
+import json
+import math
+import os
+import tempfile
+from typing import Optional, Tuple
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .backbones import create_clip
+from .config import NearlConfig
+from .modules import NearlAdapters
+
+ADAPTER_FORMAT = "nearl-adapter-v1"
+SUPPORTED_TOWERS = (
+    "open_clip CLIP or CustomTextCLIP with a VisionTransformer image tower (no attentional pooler) "
+    "and a causal TextTransformer text tower (ViT-B-32, ViT-B-16, ViT-L-14 and their kin)"
+)
+
+
+def _layer_schedule(n_blocks: int, n_layers: int) -> list:
+    """Block index after which interaction layer j sits: round((j+1) * n_blocks / J) - 1, halves up."""
+    return [math.floor((j + 1) * n_blocks / n_layers + 0.5) - 1 for j in range(n_layers)]
+
+
+class _TextTower:
+    """Uniform access to open_clip's two text-tower layouts (CLIP keeps the parts on itself)."""
+
+    def __init__(self, clip: nn.Module):
+        if isinstance(clip, open_clip.CLIP):
+            src, self.pool_type, self.eos_id = clip, clip.text_pool_type, getattr(clip, "text_eos_id", None)
+        elif isinstance(clip, open_clip.CustomTextCLIP) and isinstance(clip.text, TextTransformer):
+            src, self.pool_type, self.eos_id = clip.text, clip.text.pool_type, getattr(clip.text, "eos_id", None)
+            if src.cls_emb is not None or getattr(src, "use_pad_mask", False):
+                raise TypeError(f"text towers with a class token or pad mask are not supported; supported: {SUPPORTED_TOWERS}")
+        else:
+            raise TypeError(f"unsupported text tower in {type(clip).__name__}; supported: {SUPPORTED_TOWERS}")
+        if self.pool_type not in ("argmax", "eos", "first", "last"):
+            raise TypeError(f"text pool type {self.pool_type!r} is not supported; supported: {SUPPORTED_TOWERS}")
+        self.src = src
+
+    @property
+    def blocks(self):
+        return self.src.transformer.resblocks
+
+    @property
+    def width(self) -> int:
+        return self.src.transformer.width
+
+    @property
+    def context_length(self) -> int:
+        return self.src.positional_embedding.shape[0]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        cast_dtype = self.src.transformer.get_cast_dtype()
+        n = tokens.shape[1]
+        return self.src.token_embedding(tokens).to(cast_dtype) + self.src.positional_embedding[:n].to(cast_dtype)
+
+    def attn_mask(self, n: int) -> Optional[torch.Tensor]:
+        mask = self.src.attn_mask
+        return None if mask is None else mask[:n, :n]
+
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "eos":
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        if self.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        return torch.full(tokens.shape[:1], tokens.shape[1] - 1, device=tokens.device)
+
+    def head(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.src.ln_final(x)
+        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+        proj = self.src.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+class NearlCLIP(nn.Module):
+    """NEARL-CLIP over a frozen open_clip model.
+
+    The backbone's blocks run unchanged; after each mapped block pair the
+    adapters compute the down-projections, update the synergy queries with a
+    USEformer block, and apply the OCA to both towers' tokens.
+
+    Args:
+        clip: an open_clip CLIP (see ``SUPPORTED_TOWERS``); it is frozen in place.
+        config: adapter configuration; ``NearlConfig()`` by default.
+        fused: route the adapters through the ``nearl_kernels`` custom ops
+            (Triton on CUDA); False runs the reference maths. Same state dict.
+
+    Example:
+        >>> model = NearlCLIP.from_pretrained("ViT-B-16", pretrained=None)
+        >>> logits = model(images, texts)          # (B, K)
+    """
+
+    def __init__(self, clip: nn.Module, config: Optional[NearlConfig] = None, fused: bool = False):
+        super().__init__()
+        config = config or NearlConfig()
+        if not isinstance(config, NearlConfig):
+            raise TypeError(f"config must be a NearlConfig; got {type(config).__name__}")
+        visual = getattr(clip, "visual", None)
+        if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
+            raise TypeError(f"unsupported image tower {type(visual).__name__}; supported: {SUPPORTED_TOWERS}")
+        if not visual.transformer.batch_first:
+            raise TypeError("open_clip towers must be batch_first (open_clip >= 2.23)")
+        self.text_tower = _TextTower(clip)
+        self.clip = clip
+        self.config = config
+        self.fused = fused
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+        self.clip.eval()
+
+        n_img, n_txt = len(visual.transformer.resblocks), len(self.text_tower.blocks)
+        self.n_layers = min(n_img, n_txt)
+        self.image_schedule = _layer_schedule(n_img, self.n_layers)
+        self.text_schedule = _layer_schedule(n_txt, self.n_layers)
+        self.adapters = NearlAdapters(config, self.n_layers, visual.transformer.width, self.text_tower.width)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str, pretrained: Optional[str] = None, config: Optional[NearlConfig] = None, fused: bool = False
+    ) -> "NearlCLIP":
+        """Build the open_clip backbone (name, ``hf-hub:`` id, JSON config) and attach fresh adapters.
+
+        ``pretrained`` is an open_clip tag or a local checkpoint; offline
+        download failures raise a RuntimeError that says how to pass a file.
+        """
+        return cls(create_clip(model, pretrained), config, fused=fused)
+
+    def train(self, mode: bool = True) -> "NearlCLIP":
+        super().train(mode)
+        # The frozen backbone keeps eval() for its norms and dropout.
+        self.clip.eval()
+        return self
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return tuple(self.clip.visual.image_size)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def _check_inputs(self, images: torch.Tensor, texts: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            raise TypeError(
+                f"images must be a float tensor (B, C, H, W), normalised as the backbone expects; "
+                f"got {getattr(images, 'dtype', type(images).__name__)}"
+            )
+        channels = self.clip.visual.conv1.in_channels
+        if images.dim() != 4 or images.shape[1] != channels or tuple(images.shape[2:]) != self.image_size:
+            raise ValueError(
+                f"images must be (B, {channels}, {self.image_size[0]}, {self.image_size[1]}); got {tuple(images.shape)}"
+            )
+        if not isinstance(texts, torch.Tensor) or texts.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"texts must be token ids (K, n) of dtype int64, e.g. from nearl_model.tokenize_prompts; "
+                f"got {getattr(texts, 'dtype', type(texts).__name__)}"
+            )
+        if texts.dim() != 2 or texts.shape[0] < 1 or texts.shape[1] < 1:
+            raise ValueError(f"texts must be (K, n) token ids with K >= 1 prompts; got shape {tuple(texts.shape)}")
+        if texts.shape[1] > self.text_tower.context_length:
+            raise ValueError(
+                f"texts have {texts.shape[1]} tokens but the text tower's context is "
+                f"{self.text_tower.context_length}; shorten the prompts"
+            )
+
+    def _features(self, images: torch.Tensor, texts: torch.Tensor):
+        """Unnormalised image (B, D) and text (B, K, D) or (K, D) features, and the penalty."""
+        self._check_inputs(images, texts)
+        texts = texts.long()
+        cfg, visual, tower, ad = self.config, self.clip.visual, self.text_tower, self.adapters
+        paired = cfg.mode == "paired"
+        B, (K, n) = images.shape[0], texts.shape
+        x_v = visual._embeds(images)
+        x_t = tower.embed(texts)
+        t_mask = tower.attn_mask(n)
+        t_valid = torch.arange(n, device=texts.device)[None, :] <= tower.eot_index(texts)[:, None]  # [K, n]
+        Lv = x_v.shape[1]
+        ctx_mask = torch.cat([t_valid.new_ones(B, Lv), t_valid.reshape(1, K * n).expand(B, -1)], dim=1)
+        if not paired:
+            txt_group_mask = torch.cat([t_valid.new_zeros(1, Lv), t_valid.reshape(1, K * n)], dim=1)
+            ctx_mask = torch.cat([ctx_mask, txt_group_mask], dim=0)
+        z = ad.z0.unsqueeze(0).expand(B + (0 if paired else 1), -1, -1)
+        penalty = x_v.new_zeros((), dtype=torch.float32)
+        next_img = next_txt = 0
+        for j in range(self.n_layers):
+            for blk in visual.transformer.resblocks[next_img : self.image_schedule[j] + 1]:
+                x_v = blk(x_v)
+            for blk in tower.blocks[next_txt : self.text_schedule[j] + 1]:
+                x_t = blk(x_t, attn_mask=t_mask)
+            next_img, next_txt = self.image_schedule[j] + 1, self.text_schedule[j] + 1
+            if paired and j == 0:
+                # Text blocks before the first interaction are the same for every
+                # image: run them once for the K prompts, then give each image its copy.
+                x_t = x_t.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * K, n, -1)
+
+            oca_v, oca_t, block = ad.oca_image[j], ad.oca_text[j], ad.useformer[j]
+            h_v, h_t = oca_v.down(x_v), oca_t.down(x_t)
+            ctx_t = h_t.reshape(-1, K * n, cfg.r)  # [B or 1, K*n, r]
+            ctx = torch.cat([h_v, ctx_t.expand(B, -1, -1)], dim=1)
+            if not paired:
+                ctx = torch.cat([ctx, torch.cat([h_v.new_zeros(1, Lv, cfg.r), ctx_t], dim=1)], dim=0)
+            z = block(z, ctx, ctx_mask, fused=self.fused)
+            z_v, z_t = (z, z) if paired else (z[:B], z[B:])
+            if cfg.oca_constraint == "penalty":
+                x_v, p_v = oca_v.forward_penalty(x_v, h_v, z_v, 1, cfg.eps)
+                x_t, p_t = oca_t.forward_penalty(x_t, h_t, z_t, K, cfg.eps)
+                penalty = penalty + (p_v + p_t) / (2 * self.n_layers)
+            else:
+                x_v = oca_v(x_v, h_v, z_v, 1, cfg.eps, self.fused)
+                x_t = oca_t(x_t, h_t, z_t, K, cfg.eps, self.fused)
+
+        for blk in visual.transformer.resblocks[next_img:]:
+            x_v = blk(x_v)
+        for blk in tower.blocks[next_txt:]:
+            x_t = blk(x_t, attn_mask=t_mask)
+        pooled, _ = visual._pool(x_v)
+        img_f = pooled @ visual.proj if visual.proj is not None else pooled
+        tokens = texts.repeat(B, 1) if paired else texts
+        txt_f = tower.head(x_t, tokens)
+        if paired:
+            txt_f = txt_f.view(B, K, -1)
+        return img_f, txt_f, penalty
+
+    def encode(self, images: torch.Tensor, texts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image (B, D) and text features: (B, K, D) paired, (K, D) shared."""
+        img_f, txt_f, _ = self._features(images, texts)
+        return F.normalize(img_f, dim=-1), F.normalize(txt_f, dim=-1)
+
+    def _logits(self, img_f: torch.Tensor, txt_f: torch.Tensor) -> torch.Tensor:
+        img_f, txt_f = F.normalize(img_f, dim=-1), F.normalize(txt_f, dim=-1)
+        scale = self.clip.logit_scale.exp()
+        if txt_f.dim() == 3:
+            return scale * torch.einsum("bd,bkd->bk", img_f, txt_f)
+        return scale * img_f @ txt_f.t()
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, K): ``logit_scale * cos(image, text)`` for K prompts (K, n)."""
+        img_f, txt_f, _ = self._features(images, texts)
+        return self._logits(img_f, txt_f)
+
+    def loss(self, images: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy over the K classes (plus the penalty ablation's term); returns (loss, logits)."""
+        img_f, txt_f, penalty = self._features(images, texts)
+        logits = self._logits(img_f, txt_f)
+        loss = F.cross_entropy(logits.float(), labels)
+        if self.config.oca_constraint == "penalty":
+            loss = loss + self.config.penalty_weight * penalty
+        return loss, logits
+
+    def _shape_metadata(self) -> dict:
+        c = self.config
+        return {
+            "n_layers": self.n_layers, "vision_width": self.clip.visual.transformer.width,
+            "text_width": self.text_tower.width, "r": c.r, "n_heads": c.n_heads,
+            "n_queries": c.n_queries, "ffn_ratio": c.ffn_ratio,
+        }
+
+    def adapter_state_dict(self) -> dict:
+        """The trainable adapter tensors (and the frozen ``s_incr``), detached."""
+        return {k: v.detach() for k, v in self.adapters.state_dict().items()}
+
+    def save_adapter(self, path: str) -> None:
+        """Write the adapter to ``path`` as safetensors, config embedded, atomically."""
+        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        metadata = {
+            "format": ADAPTER_FORMAT, "nearl_config": self.config.to_json(),
+            "shape": json.dumps(self._shape_metadata(), sort_keys=True),
+        }
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def load_adapter(self, path: str) -> None:
+        """Load an adapter written by :meth:`save_adapter`; a mismatched shape is a ValueError."""
+        tensors, metadata = read_adapter(path)
+        saved = json.loads(metadata["shape"])
+        ours = self._shape_metadata()
+        diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
+        if diff:
+            listing = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in diff.items())
+            raise ValueError(f"adapter {path!r} does not fit this model ({listing})")
+        current = self.adapters.state_dict()
+        if set(tensors) != set(current):
+            missing, extra = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
+            raise ValueError(f"adapter {path!r} has the wrong tensors: missing {missing[:5]}, unexpected {extra[:5]}")
+        for k, v in tensors.items():
+            if v.shape != current[k].shape:
+                raise ValueError(f"adapter {path!r}: {k} has shape {tuple(v.shape)}, model expects {tuple(current[k].shape)}")
+        self.adapters.load_state_dict(tensors)
+
+
+def read_adapter(path: str):
+    """Read an adapter file: (tensors, metadata). Raises FileNotFoundError/ValueError with the reason."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"adapter file {path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"{path!r} is not a readable safetensors adapter file: {err}") from err
+    if metadata.get("format") != ADAPTER_FORMAT or "shape" not in metadata:
+        raise ValueError(f"{path!r} is a safetensors file but not a NEARL adapter (no '{ADAPTER_FORMAT}' metadata)")
+    return tensors, metadata
+
+
+def adapter_config(path: str) -> NearlConfig:
+    """The NearlConfig stored in an adapter file."""
+    _, metadata = read_adapter(path)
+    return NearlConfig.from_json(metadata["nearl_config"])

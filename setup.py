@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nearl",
+    version="0.1.0",
+    description="NEARL-CLIP adapters for open_clip with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nearl_kernels", "nearl_kernels.*", "nearl_model", "nearl_model.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "triton>=3.0; platform_system == 'Linux'",
+        "open_clip_torch>=2.23",
+        "numpy",
+        "safetensors",
+        "tqdm",
+        "matplotlib",
+        "pillow",
+        "scikit-learn",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-benchmark>=4"],
+        "xformers": ["xformers"],
+        "dicom": ["pydicom>=2.4"],
+    },
+)
