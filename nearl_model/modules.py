@@ -62,6 +62,8 @@ class USEformerBlock(nn.Module):
             setattr(self, f"{ln}_b", nn.Parameter(torch.zeros(r)))
         for proj in ("q", "k", "v", "o"):
             setattr(self, f"w_{proj}", _normal(r, r, fan_in=r))
+        # No key bias: softmax cancels it, so it would never receive a gradient.
+        for proj in ("q", "v", "o"):
             setattr(self, f"b_{proj}", nn.Parameter(torch.zeros(r)))
         self.w_1 = _normal(r, hidden, fan_in=r)
         self.b_1 = nn.Parameter(torch.zeros(hidden))

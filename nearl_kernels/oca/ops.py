@@ -9,8 +9,12 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import triton
 
 from .._checks import check_heads, check_same_device, check_shape, check_tensor
+from .._dispatch import no_autocast, interpreting, is_low_precision, new_output, next_pow2, use_triton
+from ..audit import record_launch
+from .kernels import oca_bwd_dwu_kernel, oca_bwd_kernel, oca_fwd_kernel
 from .reference import down_project, oca_reference
 
 # The kernels hold a (BLOCK_L, r) query tile and a (M, r) key/value tile in
@@ -55,12 +59,114 @@ def _check_oca_inputs(x, z, w_down, b_down, w_k, w_v, w_up, b_up, s_novel, s_inc
     check_same_device(x=x, z=z, w_down=w_down, w_up=w_up)
 
 
+def _tile_config(d: int) -> Tuple[int, int, int]:
+    """(BLOCK_L, BLOCK_D, num_warps): full rows of d in registers, about 8K fp32 per tile."""
+    block_d = next_pow2(d)
+    block_l = max(16, min(64, 8192 // block_d))
+    return block_l, block_d, 4 if block_l * block_d <= 8192 else 8
+
+
+def _kv(z, w_k, w_v):
+    # Once per group, not per token: (Gz, M, r) keys and values in fp32.
+    zf = z.float()
+    return (zf @ w_k.float()).contiguous(), (zf @ w_v.float()).contiguous()
+
+
+def _scales(s_novel, s_incr):
+    return torch.stack([s_novel.detach().float(), s_incr.detach().float()])
+
+
+@no_autocast
+def oca_fwd_triton(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps):
+    """Launch oca_fwd_kernel: y (G, L, d) in x.dtype."""
+    x, h, w_up = x.contiguous(), h.contiguous(), w_up.contiguous()
+    G, L, d = x.shape
+    M, r = z.shape[1], h.shape[2]
+    k, v = _kv(z, w_k, w_v)
+    scales = _scales(s_novel, s_incr)
+    y = new_output(*x.shape, like=x)
+    BL, BD, warps = _tile_config(d)
+    grid = (triton.cdiv(L, BL), G)
+    record_launch("oca_fwd_kernel", x=x, h=h, y=y, k=k, v=v, w_up=w_up, b_up=b_up, scales=scales)
+    oca_fwd_kernel[grid](
+        x, h, k, v, w_up, b_up, scales, y, L, eps, 1.0 / math.sqrt(r // n_heads),
+        D=d, R=r, M=M, RH=r // n_heads, H=n_heads, T=group_size,
+        BL=BL, BD=BD, BR=next_pow2(r), BM=next_pow2(M), LOWP=is_low_precision(x), INTERPRET=interpreting(),
+        num_warps=warps,
+    )
+    return y
+
+
+def _dwu_splits(n_tokens: int, d: int, block_d: int) -> int:
+    # Enough (column block, token split) programs to fill a GPU; one split when interpreting.
+    if interpreting():
+        return 1
+    target = 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, min(triton.cdiv(n_tokens, 256), target // triton.cdiv(d, block_d)))
+
+
+@no_autocast
+def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps):
+    """Launch the two backward kernels, then reduce the per-tile partials in a fixed order."""
+    dy, x, h, w_up = dy.contiguous(), x.contiguous(), h.contiguous(), w_up.contiguous()
+    G, L, d = x.shape
+    M, r = z.shape[1], h.shape[2]
+    k, v = _kv(z, w_k, w_v)
+    scales = _scales(s_novel, s_incr)
+    BL, BD, warps = _tile_config(d)
+    NL = triton.cdiv(L, BL)
+    f32 = dict(like=x, dtype=torch.float32)
+    dx, dh = new_output(*x.shape, like=x), new_output(*h.shape, like=h)
+    o, dp = new_output(G, L, r, **f32), new_output(G, L, **f32)
+    dk_part, dv_part = new_output(G, NL, M, r, **f32), new_output(G, NL, M, r, **f32)
+    ds_part = new_output(G, NL, 2, **f32)
+    meta = dict(D=d, R=r, M=M, RH=r // n_heads, H=n_heads, T=group_size, BR=next_pow2(r), BM=next_pow2(M))
+    lowp = is_low_precision(x)
+    record_launch(
+        "oca_bwd_kernel", dy=dy, x=x, h=h, k=k, v=v, w_up=w_up, b_up=b_up, scales=scales,
+        dx=dx, dh=dh, o=o, dp=dp, dk_part=dk_part, dv_part=dv_part, ds_part=ds_part,
+    )
+    oca_bwd_kernel[(NL, G)](
+        dy, x, h, k, v, w_up, b_up, scales, dx, dh, o, dp, dk_part, dv_part, ds_part,
+        L, NL, eps, 1.0 / math.sqrt(r // n_heads), BL=BL, BD=BD, LOWP=lowp, INTERPRET=interpreting(),
+        num_warps=warps, **meta,
+    )
+
+    N = G * L
+    BD2 = min(128, next_pow2(d))
+    splits = _dwu_splits(N, d, BD2)
+    rows = triton.cdiv(N, splits)
+    dwu_part, dbu_part = new_output(splits, r, d, **f32), new_output(splits, d, **f32)
+    record_launch("oca_bwd_dwu_kernel", dy=dy, x=x, o=o, dp=dp, scales=scales, dwu_part=dwu_part, dbu_part=dbu_part)
+    oca_bwd_dwu_kernel[(triton.cdiv(d, BD2), splits)](
+        dy, x, o, dp, scales, dwu_part, dbu_part, N, rows,
+        D=d, R=r, BT=32, BD=BD2, BR=next_pow2(r), LOWP=lowp, INTERPRET=interpreting(), num_warps=4,
+    )
+
+    # Fixed-order sums over tiles and group members: deterministic by construction.
+    dk = dk_part.view(-1, group_size * NL, M, r).sum(1)  # [Gz, M, r]
+    dv = dv_part.view(-1, group_size * NL, M, r).sum(1)
+    zf = z.float().reshape(-1, r)
+    dz = dk @ w_k.float().t() + dv @ w_v.float().t()
+    dw_k = zf.t() @ dk.reshape(-1, r)
+    dw_v = zf.t() @ dv.reshape(-1, r)
+    # Outputs of a custom op may not alias each other: separate scalars.
+    ds_novel, ds_incr = ds_part.view(-1, 2).sum(0).unbind()
+    return (
+        dx, dh, dz.to(z.dtype), dw_k.to(w_k.dtype), dw_v.to(w_v.dtype),
+        dwu_part.sum(0).to(w_up.dtype), dbu_part.sum(0).to(b_up.dtype),
+        ds_novel.to(s_novel.dtype, copy=True), ds_incr.to(s_incr.dtype, copy=True),
+    )
+
+
 @torch.library.custom_op("nearl::oca_fwd", mutates_args=())
 def oca_fwd(
     x: torch.Tensor, h: torch.Tensor, z: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
     w_up: torch.Tensor, b_up: torch.Tensor, s_novel: torch.Tensor, s_incr: torch.Tensor,
     n_heads: int, group_size: int, eps: float,
 ) -> torch.Tensor:
+    if use_triton(x):
+        return oca_fwd_triton(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
     return oca_reference(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
 
 
@@ -77,6 +183,8 @@ def oca_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for (x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr)."""
+    if use_triton(x):
+        return oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
     # Without Triton the backward is the vjp of the reference: the maths exists once.
     _, vjp = torch.func.vjp(
         lambda *t: oca_reference(*t, n_heads, group_size, eps), x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr

@@ -35,20 +35,21 @@ def oca_delta(
     b_up: torch.Tensor,
     n_heads: int,
     group_size: int,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The cross-attention update ``delta`` (G, L, d) in fp32, before the split."""
+    """The cross-attention update ``delta`` (G, L, d) in ``compute_dtype``, before the split."""
     G, L, r = h.shape
     M = z.shape[1]
     rh = r // n_heads
-    zf = z.float()
-    k = (zf @ w_k.float()).view(-1, 1, M, n_heads, rh).transpose(2, 3)  # [Gz, 1, H, M, rh]
-    v = (zf @ w_v.float()).view(-1, 1, M, n_heads, rh).transpose(2, 3)
+    zc = z.to(compute_dtype)
+    k = (zc @ w_k.to(compute_dtype)).view(-1, 1, M, n_heads, rh).transpose(2, 3)  # [Gz, 1, H, M, rh]
+    v = (zc @ w_v.to(compute_dtype)).view(-1, 1, M, n_heads, rh).transpose(2, 3)
     # Sequences of one group share its queries: view them as (Gz, T, ...) so
     # the broadcast below reads k, v once per group without copying them.
-    q = h.float().view(-1, group_size, L, n_heads, rh).transpose(2, 3)  # [Gz, T, H, L, rh]
+    q = h.to(compute_dtype).view(-1, group_size, L, n_heads, rh).transpose(2, 3)  # [Gz, T, H, L, rh]
     a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(rh), dim=-1)  # [Gz, T, H, L, M]
     o = (a @ v).transpose(2, 3).reshape(G, L, r)
-    return o @ w_up.float() + b_up.float()
+    return o @ w_up.to(compute_dtype) + b_up.to(compute_dtype)
 
 
 def oca_reference(
@@ -64,6 +65,7 @@ def oca_reference(
     n_heads: int = 2,
     group_size: int = 1,
     eps: float = 1e-6,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """OCA apply: attention over the group's queries, orthogonal split, residual.
 
@@ -72,14 +74,17 @@ def oca_reference(
         h: down-projected queries (G, L, r), see :func:`down_project`.
         z: synergy queries (G // group_size, M, r).
         w_k, w_v: (r, r). w_up: (r, d). b_up: (d,). s_novel, s_incr: scalars.
+        compute_dtype: fp32 always in the library; tests pass bf16/fp16 to
+            measure PyTorch's own low-precision error on the same maths.
 
     Returns:
-        y (G, L, d) in ``x.dtype``; all statistics are computed in fp32.
+        y (G, L, d) in ``x.dtype``; all statistics are computed in ``compute_dtype``.
     """
-    delta = oca_delta(h, z, w_k, w_v, w_up, b_up, n_heads, group_size)
-    xf = x.float()
-    c = (delta * xf).sum(-1, keepdim=True) / ((xf * xf).sum(-1, keepdim=True) + eps)
-    y = xf + s_novel.float() * (delta - c * xf) + s_incr.float() * (c * xf)
+    cd = compute_dtype
+    delta = oca_delta(h, z, w_k, w_v, w_up, b_up, n_heads, group_size, cd)
+    xc = x.to(cd)
+    c = (delta * xc).sum(-1, keepdim=True) / ((xc * xc).sum(-1, keepdim=True) + eps)
+    y = xc + s_novel.to(cd) * (delta - c * xc) + s_incr.to(cd) * (c * xc)
     return y.to(x.dtype)
 
 

@@ -5,7 +5,9 @@ path calls it, the Triton kernels are tested against it, and the benchmarks
 time it as the ``reference`` provider. Per group g (pre-LN)::
 
     c = LN_c(ctx_g)                               padding tokens masked out of the keys
-    z = z + MHA(LN_1(z), c, c) W_o + b_o          q/k/v: x W + b, each (r, r)
+    z = z + MHA(LN_1(z), c, c) W_o + b_o          q, v: x W + b; k: x W (a key bias
+                                                  shifts every score of a query equally,
+                                                  so softmax cancels it: it would never learn)
     z = z + GELU(LN_2(z) W_1 + b_1) W_2 + b_2     r -> f*r -> r
 """
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 # The order in which the block's tensors travel through the custom ops.
 PARAM_NAMES = (
     "ln_c_w", "ln_c_b", "ln_1_w", "ln_1_b",
-    "w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o", "b_o",
+    "w_q", "b_q", "w_k", "w_v", "b_v", "w_o", "b_o",
     "ln_2_w", "ln_2_b", "w_1", "b_1", "w_2", "b_2",
 )
 
@@ -31,6 +33,7 @@ def synergy_reference(
     ctx_mask: torch.Tensor,
     params: Mapping[str, torch.Tensor],
     n_heads: int = 2,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """One USEformer block on every group at once.
 
@@ -41,22 +44,24 @@ def synergy_reference(
         ctx_mask: (G, Lc) bool, True where the context token is real. Every
             group needs at least one real token.
         params: the block's tensors by the names in ``PARAM_NAMES``.
+        compute_dtype: fp32 always in the library; tests pass bf16/fp16 to
+            measure PyTorch's own low-precision error on the same maths.
 
     Returns:
-        the updated queries (G, M, r) in ``z.dtype``; maths in fp32.
+        the updated queries (G, M, r) in ``z.dtype``; maths in ``compute_dtype``.
     """
-    p = {k: params[k].float() for k in PARAM_NAMES}
+    p = {k: params[k].to(compute_dtype) for k in PARAM_NAMES}
     G, M, r = z.shape
     rh = r // n_heads
-    zf = z.float()
-    c = F.layer_norm(ctx.float(), (r,), p["ln_c_w"], p["ln_c_b"], LN_EPS)
+    zf = z.to(compute_dtype)
+    c = F.layer_norm(ctx.to(compute_dtype), (r,), p["ln_c_w"], p["ln_c_b"], LN_EPS)
     q = F.layer_norm(zf, (r,), p["ln_1_w"], p["ln_1_b"], LN_EPS) @ p["w_q"] + p["b_q"]
-    k = c @ p["w_k"] + p["b_k"]
+    k = c @ p["w_k"]
     v = c @ p["w_v"] + p["b_v"]
     q, k, v = (t.view(G, -1, n_heads, rh).transpose(1, 2) for t in (q, k, v))
     s = q @ k.transpose(-1, -2) / math.sqrt(rh)  # [G, H, M, Lc]
     # A finite fill keeps a fully masked group NaN-free, as the kernel does.
-    s = s.masked_fill(~ctx_mask[:, None, None, :], torch.finfo(torch.float32).min)
+    s = s.masked_fill(~ctx_mask[:, None, None, :], torch.finfo(compute_dtype).min)
     o = (torch.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(G, M, r)
     zf = zf + o @ p["w_o"] + p["b_o"]
     u = F.layer_norm(zf, (r,), p["ln_2_w"], p["ln_2_b"], LN_EPS) @ p["w_1"] + p["b_1"]

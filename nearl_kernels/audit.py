@@ -1,0 +1,145 @@
+"""Traffic audit: bytes moved and launches, for the fused kernels and the reference path.
+
+Fused path: under TRITON_INTERPRET=1 every masked load and store of a kernel
+goes through the interpreter's builder; the audit counts the bytes actually
+touched (mask-true lanes x element size) and attributes them to the tensor
+whose memory they hit, by name. Torch ops the launchers run (the tiny k/v
+GEMMs, the partial-gradient sums) are counted like the reference path's.
+
+Reference path: a TorchDispatchMode sums the sizes of every aten op's tensor
+inputs and outputs (views and other aliasing ops move nothing and are not
+counted), one launch per op.
+
+>>> with TrafficAudit(n_tokens=G * L) as audit:
+...     oca_fwd_triton(...)
+>>> audit.kernel_bytes["oca_fwd_kernel"]["x"]
+"""
+
+from collections import defaultdict
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_ACTIVE: Optional["TrafficAudit"] = None
+
+
+def record_launch(kernel: str, **tensors: torch.Tensor) -> None:
+    """Called by every launcher just before a Triton launch; free when no audit is active."""
+    if _ACTIVE is not None:
+        _ACTIVE._begin_kernel(kernel, tensors)
+
+
+class TrafficAudit(TorchDispatchMode):
+    """Count bytes and launches of everything run inside the ``with`` block.
+
+    Attributes:
+        kernel_bytes: {kernel name: {tensor name: bytes loaded + stored}}.
+        kernel_launches: {kernel name: launches}.
+        aten_bytes / aten_token_bytes / aten_launches: the torch ops' totals;
+            "token" bytes are those of tensors whose size is a multiple of
+            ``n_tokens`` (activations, as opposed to weights and queries).
+    """
+
+    def __init__(self, n_tokens: int = 0):
+        super().__init__()
+        self.n_tokens = n_tokens
+        self.kernel_bytes: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.kernel_launches: Dict[str, int] = defaultdict(int)
+        self.aten_bytes = 0
+        self.aten_token_bytes = 0
+        self.aten_launches = 0
+        self._kernel = None
+        self._ranges = []
+        self._saved = None
+
+    @property
+    def launches(self) -> int:
+        return self.aten_launches + sum(self.kernel_launches.values())
+
+    def kernel_total(self, kernel: Optional[str] = None, names=None) -> int:
+        """Bytes of one kernel (or all), optionally only for the given tensor names."""
+        total = 0
+        for k, per_tensor in self.kernel_bytes.items():
+            if kernel is None or k == kernel:
+                total += sum(b for n, b in per_tensor.items() if names is None or n in names)
+        return total
+
+    def __enter__(self):
+        global _ACTIVE
+        if _ACTIVE is not None:
+            raise RuntimeError("TrafficAudit blocks cannot nest")
+        _ACTIVE = self
+        self._patch_interpreter()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        global _ACTIVE
+        _ACTIVE = None
+        self._unpatch_interpreter()
+        return super().__exit__(*exc)
+
+    def _begin_kernel(self, kernel, tensors):
+        self.kernel_launches[kernel] += 1
+        self._kernel = kernel
+        self._ranges = [
+            (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+            for name, t in tensors.items()
+            if isinstance(t, torch.Tensor) and t.numel()
+        ]
+
+    def _count(self, ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> None:
+        addrs = ptrs[mask.astype(bool)] if mask is not None else ptrs.ravel()
+        if addrs.size == 0:
+            return
+        counted = np.zeros(addrs.shape, dtype=bool)
+        for lo, hi, name in self._ranges:
+            hit = (addrs >= lo) & (addrs < hi)
+            n = int(hit.sum())
+            if n:
+                self.kernel_bytes[self._kernel][name] += n * itemsize
+                counted |= hit
+        rest = int((~counted).sum())
+        if rest:
+            self.kernel_bytes[self._kernel]["<unnamed>"] += rest * itemsize
+
+    def _patch_interpreter(self):
+        from triton.runtime import interpreter
+
+        builder = interpreter.interpreter_builder
+        load, store = builder.create_masked_load, builder.create_masked_store
+        audit = self
+
+        def masked_load(ptrs, mask, other, *args, **kwargs):
+            ret = load(ptrs, mask, other, *args, **kwargs)
+            audit._count(ptrs.data, mask.data, ret.data.dtype.itemsize)
+            return ret
+
+        def masked_store(ptrs, value, mask, *args, **kwargs):
+            audit._count(ptrs.data, mask.data, value.data.dtype.itemsize)
+            return store(ptrs, value, mask, *args, **kwargs)
+
+        builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
+        self._saved = (builder, load, store)
+
+    def _unpatch_interpreter(self):
+        if self._saved is not None:
+            builder, load, store = self._saved
+            builder.create_masked_load, builder.create_masked_store = load, store
+            self._saved = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        schema = func._schema
+        if any(r.alias_info is not None for r in schema.returns) or func.is_view:
+            return out
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        self.aten_launches += 1
+        for t in tensors:
+            nbytes = t.numel() * t.element_size()
+            self.aten_bytes += nbytes
+            if self.n_tokens and t.numel() >= self.n_tokens and t.numel() % self.n_tokens == 0:
+                self.aten_token_bytes += nbytes
+        return out

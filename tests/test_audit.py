@@ -1,0 +1,65 @@
+"""Traffic audit: hardware-independent facts about bytes moved and launches."""
+
+import pytest
+import torch
+
+from nearl_kernels import _dispatch
+from nearl_kernels.audit import TrafficAudit
+from nearl_kernels.oca.ops import oca_fwd_triton
+from nearl_kernels.oca.reference import oca_reference
+from nearl_kernels.synergy.ops import synergy_fwd_triton
+
+# ViT-B/16 image-tower shapes; bytes per sequence do not depend on G, so two
+# sequences keep the interpreter quick.
+G, L, D, R, M = 2, 197, 768, 32, 16
+
+pytestmark = pytest.mark.skipif(not _dispatch.interpreting(), reason="the audit counts bytes under TRITON_INTERPRET=1")
+
+
+def vit_b16_inputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(G, L, D, generator=g).to(dtype)
+    h = torch.randn(G, L, R, generator=g).to(dtype)
+    rest = [torch.randn(G, M, R, generator=g), torch.randn(R, R, generator=g), torch.randn(R, R, generator=g),
+            torch.randn(R, D, generator=g) * 0.1, torch.randn(D, generator=g), torch.tensor(1.0), torch.tensor(0.0)]
+    return x, h, rest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_oca_forward_moves_token_bytes_once_and_reference_four_times_more(dtype):
+    x, h, rest = vit_b16_inputs(dtype)
+    es = x.element_size()
+    minimum = G * L * (D + R + D) * es  # x and h read once, y written once
+
+    with TrafficAudit(n_tokens=G * L) as fused:
+        oca_fwd_triton(x, h, *rest, 2, 1, 1e-6)
+    token = fused.kernel_total("oca_fwd_kernel", names={"x", "h", "y"})
+    assert fused.kernel_bytes["oca_fwd_kernel"]["x"] == G * L * D * es
+    assert fused.kernel_bytes["oca_fwd_kernel"]["y"] == G * L * D * es
+    assert minimum <= token <= 1.25 * minimum
+    assert "<unnamed>" not in fused.kernel_bytes["oca_fwd_kernel"]
+    assert fused.kernel_launches == {"oca_fwd_kernel": 1}
+
+    with TrafficAudit(n_tokens=G * L) as ref:
+        oca_reference(x, h, *rest, 2, 1, 1e-6)
+    assert ref.aten_token_bytes >= 4 * token, (ref.aten_token_bytes, token)
+    assert ref.aten_launches > fused.launches
+
+
+def test_synergy_forward_reads_each_context_token_once():
+    z = torch.randn(3, M, R)
+    Lc = 197 + 3 * 12
+    ctx = torch.randn(3, Lc, R)
+    mask = torch.ones(3, Lc, dtype=torch.bool)
+    from nearl_model.modules import USEformerBlock
+    from nearl_kernels.synergy import PARAM_NAMES
+
+    block = USEformerBlock(R, 2, 14)
+    params = [getattr(block, n).detach() for n in PARAM_NAMES]
+    with TrafficAudit() as audit:
+        synergy_fwd_triton(z, ctx, mask, params, 2)
+    per_kernel = audit.kernel_bytes["synergy_fwd_kernel"]
+    assert per_kernel["ctx"] == ctx.numel() * ctx.element_size()
+    assert per_kernel["ctx_mask"] == mask.numel()
+    assert per_kernel["out"] == z.numel() * z.element_size()
+    assert audit.kernel_launches == {"synergy_fwd_kernel": 1}

@@ -1,0 +1,121 @@
+"""USEformer block op: the Triton kernels (interpreted on CPU, native on CUDA) against reference.py."""
+
+import pytest
+import torch
+
+import nearl_kernels as nk
+from conftest import DEVICE, rel_err, within_twice_torch_error
+from nearl_kernels.synergy import PARAM_NAMES
+from nearl_kernels.synergy.ops import synergy_bwd_triton, synergy_fwd_triton
+from nearl_kernels.synergy.reference import synergy_reference
+from nearl_model.modules import USEformerBlock
+
+pytestmark = pytest.mark.usefixtures("poison")
+GRAD_NAMES = ("z", "ctx", *PARAM_NAMES)
+
+
+def make_inputs(G, Lc, r=32, M=16, heads=2, ffn_ratio=14, pad=0.3, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    block = USEformerBlock(r, heads, ffn_ratio)
+    params = [(getattr(block, n).detach() + 0.1 * torch.randn_like(getattr(block, n))).to(DEVICE) for n in PARAM_NAMES]
+    z = torch.randn(G, M, r).to(DEVICE)
+    ctx = (torch.randn(G, Lc, r) * 2).to(DEVICE, dtype)
+    mask = torch.rand(G, Lc) >= pad
+    mask[:, 0] = True
+    return z, ctx, mask.to(DEVICE), params
+
+
+def reference(z, ctx, mask, params, heads, **kw):
+    return synergy_reference(z, ctx, mask, dict(zip(PARAM_NAMES, params)), heads, **kw)
+
+
+SHAPES = [
+    pytest.param(2, 1, 32, 16, 2, id="G2-Lc1-r32-M16"),
+    pytest.param(3, 70, 32, 16, 2, id="G3-Lc70-r32-M16"),
+    pytest.param(2, 217, 32, 16, 2, id="G2-Lc217-r32-M16"),
+    pytest.param(2, 50, 16, 7, 1, id="G2-Lc50-r16-M7-H1"),
+    pytest.param(2, 77, 48, 5, 3, id="G2-Lc77-r48-M5-H3"),
+]
+
+
+@pytest.mark.parametrize("G,Lc,r,M,heads", SHAPES)
+def test_forward_and_every_gradient_match_reference_fp32(G, Lc, r, M, heads):
+    z, ctx, mask, params = make_inputs(G, Lc, r, M, heads)
+    out, o, lse = synergy_fwd_triton(z, ctx, mask, params, heads)
+    assert out.dtype == z.dtype and not out.isnan().any()
+    assert rel_err(out, reference(z, ctx, mask, params, heads)) <= 1e-4
+    dz = torch.randn_like(out)
+    grads = synergy_bwd_triton(dz, z, ctx, mask, params, o, lse, heads)
+    _, vjp = torch.func.vjp(lambda z_, c_, *p: reference(z_, c_, mask, p, heads), z, ctx, *params)
+    for name, g, g_ref in zip(GRAD_NAMES, grads, vjp(dz)):
+        assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, name
+        assert not g.isnan().any(), name
+        assert rel_err(g, g_ref) <= 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_context_within_twice_torch_error(dtype):
+    z, ctx, mask, params = make_inputs(2, 90, dtype=dtype)
+    out, o, lse = synergy_fwd_triton(z, ctx, mask, params, 2)
+    ref32 = reference(z, ctx.float(), mask, params, 2)
+    ok, errs = within_twice_torch_error(out, ref32, reference(z, ctx, mask, params, 2, compute_dtype=dtype), dtype)
+    assert ok, errs
+    dz = torch.randn_like(out)
+    dctx = synergy_bwd_triton(dz, z, ctx, mask, params, o, lse, 2)[1]
+    assert dctx.dtype == dtype
+    _, vjp32 = torch.func.vjp(lambda c_: reference(z, c_, mask, params, 2), ctx.float())
+    _, vjp_lp = torch.func.vjp(lambda c_: reference(z, c_, mask, params, 2, compute_dtype=dtype), ctx)
+    ok, errs = within_twice_torch_error(dctx, vjp32(dz)[0], vjp_lp(dz)[0], dtype)
+    assert ok, errs
+
+
+def test_padding_is_invisible():
+    # A masked token's values must not change the result, whatever they are.
+    z, ctx, mask, params = make_inputs(2, 40)
+    noisy = torch.where(mask[..., None], ctx, ctx * 100 + 7)
+    a, _, _ = synergy_fwd_triton(z, ctx, mask, params, 2)
+    b, _, _ = synergy_fwd_triton(z, noisy, mask, params, 2)
+    assert rel_err(a, b) <= 1e-5
+
+
+def test_gradients_bit_identical_across_runs():
+    z, ctx, mask, params = make_inputs(3, 70)
+    out, o, lse = synergy_fwd_triton(z, ctx, mask, params, 2)
+    dz = torch.randn_like(out)
+    first = synergy_bwd_triton(dz, z, ctx, mask, params, o, lse, 2)
+    second = synergy_bwd_triton(dz, z, ctx, mask, params, o, lse, 2)
+    for name, g1, g2 in zip(GRAD_NAMES, first, second):
+        assert torch.equal(g1, g2), name
+
+
+def test_functional_api_autograd_matches_reference():
+    z, ctx, mask, params = make_inputs(2, 30)
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (z, ctx, *params)]
+        out = nk.synergy_block(leaves[0], leaves[1], mask, dict(zip(PARAM_NAMES, leaves[2:])), n_heads=2, fused=fused)
+        out.square().sum().backward()
+        results.append((out.detach(), [t.grad for t in leaves]))
+    (o1, g1), (o2, g2) = results
+    assert rel_err(o1, o2) <= 1e-5
+    for name, a, b in zip(GRAD_NAMES, g1, g2):
+        assert rel_err(a, b) <= 1e-4, name
+
+
+def test_bad_inputs_named_before_launch():
+    z, ctx, mask, params = make_inputs(2, 10)
+    p = dict(zip(PARAM_NAMES, params))
+    with pytest.raises(ValueError, match=r"ctx must be \(G, Lc, r\) with G=2, r=32, Lc >= 1; got \(2, 10, 16\)"):
+        nk.synergy_block(z, ctx[..., :16], mask, p)
+    with pytest.raises(TypeError, match="ctx_mask must be a bool tensor"):
+        nk.synergy_block(z, ctx, mask.float(), p)
+    with pytest.raises(ValueError, match=r"ctx_mask must be \(G, Lc\)"):
+        nk.synergy_block(z, ctx, mask[:, :5], p)
+    with pytest.raises(ValueError, match="params is missing \\['w_o'\\]"):
+        nk.synergy_block(z, ctx, mask, {k: v for k, v in p.items() if k != "w_o"})
+    with pytest.raises(ValueError, match=r"params\['w_2'\] must be \(448, 32\)"):
+        nk.synergy_block(z, ctx, mask, dict(p, w_2=torch.zeros(448, 16)))
+    with pytest.raises(ValueError, match="r=32 must be a multiple of n_heads=5"):
+        nk.synergy_block(z, ctx, mask, p, n_heads=5)
+    with pytest.raises(ValueError, match=r"M = z.shape\[1\] must be in \[1, 128\]; got 129"):
+        nk.synergy_block(torch.zeros(2, 129, 32), ctx, mask, p)
