@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import tempfile
 from typing import Optional, Tuple
 
 import open_clip
@@ -14,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ._io import atomic_write
 from .backbones import create_clip
 from .config import NearlConfig
 from .modules import NearlAdapters
@@ -243,19 +243,24 @@ class NearlCLIP(nn.Module):
             return scale * torch.einsum("bd,bkd->bk", img_f, txt_f)
         return scale * img_f @ txt_f.t()
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, K): ``logit_scale * cos(image, text)`` for K prompts (K, n)."""
-        img_f, txt_f, _ = self._features(images, texts)
-        return self._logits(img_f, txt_f)
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        """Class logits (B, K): ``logit_scale * cos(image, text)`` for K prompts (K, n).
 
-    def loss(self, images: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy over the K classes (plus the penalty ablation's term); returns (loss, logits)."""
+        With ``labels`` (B,) it returns ``(loss, logits)`` instead, as :meth:`loss`
+        does; going through ``forward`` keeps DistributedDataParallel's hooks.
+        """
         img_f, txt_f, penalty = self._features(images, texts)
         logits = self._logits(img_f, txt_f)
+        if labels is None:
+            return logits
         loss = F.cross_entropy(logits.float(), labels)
         if self.config.oca_constraint == "penalty":
             loss = loss + self.config.penalty_weight * penalty
         return loss, logits
+
+    def loss(self, images: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy over the K classes (plus the penalty ablation's term); returns (loss, logits)."""
+        return self(images, texts, labels)
 
     def _shape_metadata(self) -> dict:
         c = self.config
@@ -269,22 +274,21 @@ class NearlCLIP(nn.Module):
         """The trainable adapter tensors (and the frozen ``s_incr``), detached."""
         return {k: v.detach() for k, v in self.adapters.state_dict().items()}
 
-    def save_adapter(self, path: str) -> None:
-        """Write the adapter to ``path`` as safetensors, config embedded, atomically."""
+    def save_adapter(self, path: str, run: Optional[dict] = None) -> None:
+        """Write the adapter to ``path`` as safetensors, config embedded, atomically.
+
+        ``run`` (JSON-able) records how to rebuild the model around it: the
+        backbone, its weights, the classes and prompts (the CLIs fill it in).
+        """
         tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
         metadata = {
             "format": ADAPTER_FORMAT, "nearl_config": self.config.to_json(),
             "shape": json.dumps(self._shape_metadata(), sort_keys=True),
         }
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        if run is not None:
+            metadata["nearl_run"] = json.dumps(run)
+        # save_file is looked up at call time so tests can make it fail mid-write.
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     def load_adapter(self, path: str) -> None:
         """Load an adapter written by :meth:`save_adapter`; a mismatched shape is a ValueError."""
@@ -324,3 +328,25 @@ def adapter_config(path: str) -> NearlConfig:
     """The NearlConfig stored in an adapter file."""
     _, metadata = read_adapter(path)
     return NearlConfig.from_json(metadata["nearl_config"])
+
+
+def load_trained(path: str, pretrained: Optional[str] = None, fused: bool = False):
+    """Rebuild a trained model from an adapter written by ``nearl_model.train``.
+
+    The adapter records its backbone (name, weights, seed), classes and
+    prompts. A random-init backbone is rebuilt from the same seed; pass
+    ``pretrained`` if the weights file has moved.
+
+    Returns:
+        (model, run): the NearlCLIP with the adapter loaded, and the run record.
+    """
+    _, metadata = read_adapter(path)
+    if "nearl_run" not in metadata:
+        raise ValueError(f"adapter {path!r} has no run record (backbone, classes); it was not written by "
+                         "nearl_model.train, so build the model yourself and call load_adapter")
+    run = json.loads(metadata["nearl_run"])
+    torch.manual_seed(run["seed"])
+    clip = create_clip(run["model"], pretrained or run["pretrained"])
+    model = NearlCLIP(clip, NearlConfig.from_json(metadata["nearl_config"]), fused=fused)
+    model.load_adapter(path)
+    return model.eval(), run
