@@ -7,8 +7,10 @@ whose memory they hit, by name. Torch ops the launchers run (the tiny k/v
 GEMMs, the partial-gradient sums) are counted like the reference path's.
 
 Reference path: a TorchDispatchMode sums the sizes of every aten op's tensor
-inputs and outputs (views and other aliasing ops move nothing and are not
-counted), one launch per op.
+inputs and outputs (views, other aliasing ops and allocations move nothing
+and are not counted), one launch per op.
+
+Launchers call :func:`launch` instead of ``kernel[grid](...)``.
 
 >>> with TrafficAudit(n_tokens=G * L) as audit:
 ...     oca_fwd_triton(...)
@@ -23,19 +25,39 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _ACTIVE: Optional["TrafficAudit"] = None
+# Allocations launch nothing and move no bytes.
+_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 
 
-def record_launch(kernel: str, **tensors: torch.Tensor) -> None:
-    """Called by every launcher just before a Triton launch; free when no audit is active."""
-    if _ACTIVE is not None:
-        _ACTIVE._begin_kernel(kernel, tensors)
+def launch(kernel, grid, tensors: Dict[str, torch.Tensor], *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, seen by an active audit.
+
+    ``tensors`` names the buffers the kernel touches, so the audit can say
+    whose bytes a load or store moved. Torch ops run while the kernel runs
+    belong to Triton's interpreter (argument copies), not to the op, and are
+    not counted.
+    """
+    audit = _ACTIVE
+    if audit is None:
+        kernel[grid](*args, **kwargs)
+        return
+    audit._begin_kernel(getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel)), tensors)
+    audit._in_kernel = True
+    try:
+        kernel[grid](*args, **kwargs)
+    finally:
+        audit._in_kernel = False
 
 
 class TrafficAudit(TorchDispatchMode):
     """Count bytes and launches of everything run inside the ``with`` block.
 
     Attributes:
-        kernel_bytes: {kernel name: {tensor name: bytes loaded + stored}}.
+        kernel_bytes: {kernel name: {tensor name: bytes loaded + stored}},
+            measured under TRITON_INTERPRET=1 (every load counted, re-reads too).
+        kernel_footprint: {kernel name: {tensor name: bytes}}: the size of each
+            tensor a launch touches, i.e. the DRAM traffic when re-reads hit
+            the cache; known on any device, the benchmarks' GB/s use it.
         kernel_launches: {kernel name: launches}.
         aten_bytes / aten_token_bytes / aten_launches: the torch ops' totals;
             "token" bytes are those of tensors whose size is a multiple of
@@ -46,6 +68,7 @@ class TrafficAudit(TorchDispatchMode):
         super().__init__()
         self.n_tokens = n_tokens
         self.kernel_bytes: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.kernel_footprint: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.kernel_launches: Dict[str, int] = defaultdict(int)
         self.aten_bytes = 0
         self.aten_token_bytes = 0
@@ -53,18 +76,24 @@ class TrafficAudit(TorchDispatchMode):
         self._kernel = None
         self._ranges = []
         self._saved = None
+        self._in_kernel = False
 
     @property
     def launches(self) -> int:
         return self.aten_launches + sum(self.kernel_launches.values())
 
-    def kernel_total(self, kernel: Optional[str] = None, names=None) -> int:
+    def kernel_total(self, kernel: Optional[str] = None, names=None, footprint: bool = False) -> int:
         """Bytes of one kernel (or all), optionally only for the given tensor names."""
         total = 0
-        for k, per_tensor in self.kernel_bytes.items():
+        for k, per_tensor in (self.kernel_footprint if footprint else self.kernel_bytes).items():
             if kernel is None or k == kernel:
                 total += sum(b for n, b in per_tensor.items() if names is None or n in names)
         return total
+
+    @property
+    def dram_bytes(self) -> int:
+        """Traffic estimate for the whole block: kernel footprints plus the torch ops' bytes."""
+        return self.kernel_total(footprint=True) + self.aten_bytes
 
     def __enter__(self):
         global _ACTIVE
@@ -83,11 +112,12 @@ class TrafficAudit(TorchDispatchMode):
     def _begin_kernel(self, kernel, tensors):
         self.kernel_launches[kernel] += 1
         self._kernel = kernel
-        self._ranges = [
-            (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
-            for name, t in tensors.items()
-            if isinstance(t, torch.Tensor) and t.numel()
-        ]
+        self._ranges = []
+        for name, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.numel():
+                nbytes = t.numel() * t.element_size()
+                self.kernel_footprint[kernel][name] += nbytes
+                self._ranges.append((t.data_ptr(), t.data_ptr() + nbytes, name))
 
     def _count(self, ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> None:
         addrs = ptrs[mask.astype(bool)] if mask is not None else ptrs.ravel()
@@ -105,6 +135,10 @@ class TrafficAudit(TorchDispatchMode):
             self.kernel_bytes[self._kernel]["<unnamed>"] += rest * itemsize
 
     def _patch_interpreter(self):
+        from ._dispatch import interpreting
+
+        if not interpreting():
+            return
         from triton.runtime import interpreter
 
         builder = interpreter.interpreter_builder
@@ -132,8 +166,9 @@ class TrafficAudit(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        schema = func._schema
-        if any(r.alias_info is not None for r in schema.returns) or func.is_view:
+        if self._in_kernel or func.overloadpacket.__name__ in _ALLOCATIONS:
+            return out
+        if any(r.alias_info is not None for r in func._schema.returns) or func.is_view:
             return out
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
         self.aten_launches += 1

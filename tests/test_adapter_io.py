@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import images_for, make_model, perturb_adapters
+from helpers import images_for, make_model, perturb_adapters
 from nearl_model import NearlCLIP, NearlConfig, adapter_config, create_clip
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import images_for, make_model, perturb_adapters
+from helpers import images_for, make_model, perturb_adapters
 
 LABELS = torch.tensor([0, 2])
 

@@ -4,7 +4,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import CLASSES, images_for, make_model, perturb_adapters
+from helpers import CLASSES, images_for, make_model, perturb_adapters
 from nearl_kernels.oca.reference import oca_reference
 from nearl_model import NearlCLIP, NearlConfig, class_prompts, tokenize_prompts
 

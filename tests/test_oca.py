@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nearl_kernels as nk
-from conftest import DEVICE, rel_err, within_twice_torch_error
+from helpers import DEVICE, rel_err, within_twice_torch_error
 from nearl_kernels.oca.ops import oca_bwd_triton, oca_fwd_triton
 from nearl_kernels.oca.reference import down_project, oca_reference
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nearl_kernels as nk
-from conftest import DEVICE, rel_err, within_twice_torch_error
+from helpers import DEVICE, rel_err, within_twice_torch_error
 from nearl_kernels.synergy import PARAM_NAMES
 from nearl_kernels.synergy.ops import synergy_bwd_triton, synergy_fwd_triton
 from nearl_kernels.synergy.reference import synergy_reference

@@ -13,7 +13,7 @@ import triton
 
 from .._checks import check_heads, check_same_device, check_shape, check_tensor
 from .._dispatch import no_autocast, interpreting, is_low_precision, new_output, next_pow2, use_triton
-from ..audit import record_launch
+from ..audit import launch
 from .kernels import oca_bwd_dwu_kernel, oca_bwd_kernel, oca_fwd_kernel
 from .reference import down_project, oca_reference
 
@@ -87,8 +87,8 @@ def oca_fwd_triton(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, grou
     y = new_output(*x.shape, like=x)
     BL, BD, warps = _tile_config(d)
     grid = (triton.cdiv(L, BL), G)
-    record_launch("oca_fwd_kernel", x=x, h=h, y=y, k=k, v=v, w_up=w_up, b_up=b_up, scales=scales)
-    oca_fwd_kernel[grid](
+    launch(
+        oca_fwd_kernel, grid, dict(x=x, h=h, y=y, k=k, v=v, w_up=w_up, b_up=b_up, scales=scales),
         x, h, k, v, w_up, b_up, scales, y, L, eps, 1.0 / math.sqrt(r // n_heads),
         D=d, R=r, M=M, RH=r // n_heads, H=n_heads, T=group_size,
         BL=BL, BD=BD, BR=next_pow2(r), BM=next_pow2(M), LOWP=is_low_precision(x), INTERPRET=interpreting(),
@@ -122,11 +122,10 @@ def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, 
     ds_part = new_output(G, NL, 2, **f32)
     meta = dict(D=d, R=r, M=M, RH=r // n_heads, H=n_heads, T=group_size, BR=next_pow2(r), BM=next_pow2(M))
     lowp = is_low_precision(x)
-    record_launch(
-        "oca_bwd_kernel", dy=dy, x=x, h=h, k=k, v=v, w_up=w_up, b_up=b_up, scales=scales,
-        dx=dx, dh=dh, o=o, dp=dp, dk_part=dk_part, dv_part=dv_part, ds_part=ds_part,
-    )
-    oca_bwd_kernel[(NL, G)](
+    tensors = dict(dy=dy, x=x, h=h, k=k, v=v, w_up=w_up, b_up=b_up, scales=scales,
+                   dx=dx, dh=dh, o=o, dp=dp, dk_part=dk_part, dv_part=dv_part, ds_part=ds_part)
+    launch(
+        oca_bwd_kernel, (NL, G), tensors,
         dy, x, h, k, v, w_up, b_up, scales, dx, dh, o, dp, dk_part, dv_part, ds_part,
         L, NL, eps, 1.0 / math.sqrt(r // n_heads), BL=BL, BD=BD, LOWP=lowp, INTERPRET=interpreting(),
         num_warps=warps, **meta,
@@ -137,8 +136,9 @@ def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, 
     splits = _dwu_splits(N, d, BD2)
     rows = triton.cdiv(N, splits)
     dwu_part, dbu_part = new_output(splits, r, d, **f32), new_output(splits, d, **f32)
-    record_launch("oca_bwd_dwu_kernel", dy=dy, x=x, o=o, dp=dp, scales=scales, dwu_part=dwu_part, dbu_part=dbu_part)
-    oca_bwd_dwu_kernel[(triton.cdiv(d, BD2), splits)](
+    launch(
+        oca_bwd_dwu_kernel, (triton.cdiv(d, BD2), splits),
+        dict(dy=dy, x=x, o=o, dp=dp, scales=scales, dwu_part=dwu_part, dbu_part=dbu_part),
         dy, x, o, dp, scales, dwu_part, dbu_part, N, rows,
         D=d, R=r, BT=32, BD=BD2, BR=next_pow2(r), LOWP=lowp, INTERPRET=interpreting(), num_warps=4,
     )

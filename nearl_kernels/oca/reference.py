@@ -15,8 +15,20 @@ queries ``h = x W_d + b_d`` (L, r) and synergy queries ``z`` (M, r)::
 """
 
 import math
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(r_h)) v: PyTorch's SDPA, k and v broadcast over q's batch dims.
+
+    SDPA (not a hand-written softmax) also keeps torch.compile's attention
+    pattern rewrite away from the broadcast group dimension, which it mishandles.
+    """
+    batch = q.shape[:-2]
+    return F.scaled_dot_product_attention(q, k.expand(*batch, *k.shape[-2:]), v.expand(*batch, *v.shape[-2:]))
 
 
 def down_project(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor) -> torch.Tensor:
@@ -36,8 +48,13 @@ def oca_delta(
     n_heads: int,
     group_size: int,
     compute_dtype: torch.dtype = torch.float32,
+    attention: Optional[Callable] = None,
 ) -> torch.Tensor:
-    """The cross-attention update ``delta`` (G, L, d) in ``compute_dtype``, before the split."""
+    """The cross-attention update ``delta`` (G, L, d) in ``compute_dtype``, before the split.
+
+    ``attention(q, k, v)`` takes q (Gz, T, H, L, r_h) and k, v (Gz, 1, H, M, r_h);
+    the default is :func:`softmax_attention` (the benchmarks swap in xformers').
+    """
     G, L, r = h.shape
     M = z.shape[1]
     rh = r // n_heads
@@ -47,8 +64,7 @@ def oca_delta(
     # Sequences of one group share its queries: view them as (Gz, T, ...) so
     # the broadcast below reads k, v once per group without copying them.
     q = h.to(compute_dtype).view(-1, group_size, L, n_heads, rh).transpose(2, 3)  # [Gz, T, H, L, rh]
-    a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(rh), dim=-1)  # [Gz, T, H, L, M]
-    o = (a @ v).transpose(2, 3).reshape(G, L, r)
+    o = (attention or softmax_attention)(q, k, v).transpose(2, 3).reshape(G, L, r)
     return o @ w_up.to(compute_dtype) + b_up.to(compute_dtype)
 
 
@@ -66,6 +82,7 @@ def oca_reference(
     group_size: int = 1,
     eps: float = 1e-6,
     compute_dtype: torch.dtype = torch.float32,
+    attention: Optional[Callable] = None,
 ) -> torch.Tensor:
     """OCA apply: attention over the group's queries, orthogonal split, residual.
 
@@ -76,12 +93,13 @@ def oca_reference(
         w_k, w_v: (r, r). w_up: (r, d). b_up: (d,). s_novel, s_incr: scalars.
         compute_dtype: fp32 always in the library; tests pass bf16/fp16 to
             measure PyTorch's own low-precision error on the same maths.
+        attention: see :func:`oca_delta`.
 
     Returns:
         y (G, L, d) in ``x.dtype``; all statistics are computed in ``compute_dtype``.
     """
     cd = compute_dtype
-    delta = oca_delta(h, z, w_k, w_v, w_up, b_up, n_heads, group_size, cd)
+    delta = oca_delta(h, z, w_k, w_v, w_up, b_up, n_heads, group_size, cd, attention)
     xc = x.to(cd)
     c = (delta * xc).sum(-1, keepdim=True) / ((xc * xc).sum(-1, keepdim=True) + eps)
     y = xc + s_novel.to(cd) * (delta - c * xc) + s_incr.to(cd) * (c * xc)

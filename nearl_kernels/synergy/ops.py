@@ -13,7 +13,7 @@ import torch
 
 from .._checks import check_heads, check_same_device, check_shape, check_tensor
 from .._dispatch import no_autocast, new_output, next_pow2, use_triton
-from ..audit import record_launch
+from ..audit import launch
 from .kernels import synergy_bwd_kernel, synergy_fwd_kernel
 from .reference import PARAM_NAMES, synergy_reference
 
@@ -80,8 +80,8 @@ def synergy_fwd_triton(z, ctx, ctx_mask, params, n_heads):
     out = new_output(*z.shape, like=z)
     o = new_output(G, M, r, like=z, dtype=torch.float32)
     lse = new_output(G, M, r, like=z, dtype=torch.float32)
-    record_launch("synergy_fwd_kernel", z=z, ctx=ctx, ctx_mask=mask, params=packed, out=out, o=o, lse=lse)
-    synergy_fwd_kernel[(G,)](
+    launch(
+        synergy_fwd_kernel, (G,), dict(z=z, ctx=ctx, ctx_mask=mask, params=packed, out=out, o=o, lse=lse),
         z, ctx, mask, packed, out, o, lse, ctx.shape[1], 1.0 / math.sqrt(r // n_heads),
         RH=r // n_heads, H=n_heads, num_warps=4, **_launch_meta(z, ctx, params),
     )
@@ -97,11 +97,10 @@ def synergy_bwd_triton(dz, z, ctx, ctx_mask, params, o, lse, n_heads):
     packed = _pack(params)
     dz_out, dctx = new_output(*z.shape, like=z), new_output(*ctx.shape, like=ctx)
     dparts = new_output(G, packed.numel(), like=z, dtype=torch.float32)
-    record_launch(
-        "synergy_bwd_kernel", dout=dz, z=z, ctx=ctx, ctx_mask=mask, params=packed, o=o, lse=lse,
-        dz=dz_out, dctx=dctx, dparams=dparts,
-    )
-    synergy_bwd_kernel[(G,)](
+    tensors = dict(dout=dz, z=z, ctx=ctx, ctx_mask=mask, params=packed, o=o, lse=lse,
+                   dz=dz_out, dctx=dctx, dparams=dparts)
+    launch(
+        synergy_bwd_kernel, (G,), tensors,
         dz, z, ctx, mask, packed, o, lse, dz_out, dctx, dparts, ctx.shape[1], 1.0 / math.sqrt(r // n_heads),
         RH=r // n_heads, H=n_heads, P=packed.numel(), num_warps=4, **_launch_meta(z, ctx, params),
     )

@@ -12,7 +12,7 @@ time it as the ``reference`` provider. Per group g (pre-LN)::
 """
 
 import math
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,17 @@ PARAM_NAMES = (
 LN_EPS = 1e-5
 
 
+def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q (G, H, M, r_h), k/v (G, H, Lc, r_h), mask (G, Lc) bool -> (G, H, M, r_h).
+
+    Masked keys get finfo.min, not -inf, so a fully masked group stays NaN-free
+    (the kernel does the same).
+    """
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~mask[:, None, None, :], torch.finfo(s.dtype).min)
+    return torch.softmax(s, dim=-1) @ v
+
+
 def synergy_reference(
     z: torch.Tensor,
     ctx: torch.Tensor,
@@ -34,6 +45,7 @@ def synergy_reference(
     params: Mapping[str, torch.Tensor],
     n_heads: int = 2,
     compute_dtype: torch.dtype = torch.float32,
+    attention: Optional[Callable] = None,
 ) -> torch.Tensor:
     """One USEformer block on every group at once.
 
@@ -46,6 +58,8 @@ def synergy_reference(
         params: the block's tensors by the names in ``PARAM_NAMES``.
         compute_dtype: fp32 always in the library; tests pass bf16/fp16 to
             measure PyTorch's own low-precision error on the same maths.
+        attention: ``attention(q, k, v, mask)``, default
+            :func:`masked_softmax_attention` (the benchmarks swap in xformers').
 
     Returns:
         the updated queries (G, M, r) in ``z.dtype``; maths in ``compute_dtype``.
@@ -59,10 +73,7 @@ def synergy_reference(
     k = c @ p["w_k"]
     v = c @ p["w_v"] + p["b_v"]
     q, k, v = (t.view(G, -1, n_heads, rh).transpose(1, 2) for t in (q, k, v))
-    s = q @ k.transpose(-1, -2) / math.sqrt(rh)  # [G, H, M, Lc]
-    # A finite fill keeps a fully masked group NaN-free, as the kernel does.
-    s = s.masked_fill(~ctx_mask[:, None, None, :], torch.finfo(compute_dtype).min)
-    o = (torch.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(G, M, r)
+    o = (attention or masked_softmax_attention)(q, k, v, ctx_mask).transpose(1, 2).reshape(G, M, r)
     zf = zf + o @ p["w_o"] + p["b_o"]
     u = F.layer_norm(zf, (r,), p["ln_2_w"], p["ln_2_b"], LN_EPS) @ p["w_1"] + p["b_1"]
     zf = zf + F.gelu(u) @ p["w_2"] + p["b_2"]

@@ -1,0 +1,48 @@
+"""Helpers shared by the tests (fixtures live in conftest.py)."""
+
+import copy
+
+import torch
+
+from nearl_model import TINY_CLIP_CONFIG, NearlCLIP, NearlConfig
+
+CLASSES = ["normal lungs", "bacterial pneumonia", "viral pneumonia"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_model(mode="paired", fused=False, seed=0, backbone="nearl-tiny", **config):
+    torch.manual_seed(seed)
+    if backbone == "nearl-tiny-2":
+        # Two blocks per tower: the same shapes as nearl-tiny, half the graph to compile.
+        backbone = copy.deepcopy(TINY_CLIP_CONFIG)
+        backbone["vision_cfg"]["layers"] = backbone["text_cfg"]["layers"] = 2
+    return NearlCLIP.from_pretrained(backbone, config=NearlConfig(mode=mode, **config), fused=fused)
+
+
+def perturb_adapters(model, seed=1, scale=0.05):
+    """Give the zero-initialised up-projections values so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for oca in (*model.adapters.oca_image, *model.adapters.oca_text):
+            oca.w_up.copy_(torch.randn(oca.w_up.shape, generator=g) * scale)
+            oca.b_up.copy_(torch.randn(oca.b_up.shape, generator=g) * scale)
+    return model
+
+
+def images_for(model, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *model.image_size, generator=g)
+
+
+def within_twice_torch_error(out, ref32, torch_out, dtype):
+    """flash-attention's rule: kernel error <= 2 x PyTorch's own low-precision error, plus one
+    dtype epsilon of the reference's largest element (max errors of small tensors are noisy)."""
+    err = (out.float() - ref32).abs().max()
+    torch_err = (torch_out.float() - ref32).abs().max()
+    return bool(err <= 2 * torch_err + torch.finfo(dtype).eps * ref32.abs().max()), (err.item(), torch_err.item())
+
+
+def rel_err(a, b):
+    """Max error relative to the reference's largest element; a tensor whose true value is
+    ~0 (e.g. q's gradients when a group has one context token) is measured against 0.1."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(0.1)).item()
