@@ -22,7 +22,7 @@ setup(
         "scikit-learn",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "pydicom>=2.4"],
         "xformers": ["xformers"],
         "dicom": ["pydicom>=2.4"],
     },

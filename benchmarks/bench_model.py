@@ -14,7 +14,7 @@ from nearl_model import NearlCLIP, NearlConfig, class_prompts, tokenize_prompts
 
 SHAPES = {
     "gpu": [dict(id="ViT-B-16-B64-K4", model="ViT-B-16", B=64, K=4, rounds=10)],
-    "cpu": [dict(id="ViT-B-16-B4-K4", model="ViT-B-16", B=4, K=4, rounds=5)],
+    "cpu": [dict(id="ViT-B-16-B4-K4", model="ViT-B-16", B=4, K=4, rounds=7)],
     "smoke": [dict(id="tiny-B2-K2", model="nearl-tiny", B=2, K=2, rounds=1)],
 }
 CLASSES = ["normal lungs", "bacterial pneumonia", "viral pneumonia", "pleural effusion"]
@@ -93,15 +93,16 @@ def _record(benchmark, shape, mode, provider, run):
                                 peak_memory_bytes=peak_memory(run, provider))
     benchmark.pedantic(run, rounds=shape["rounds"], warmup_rounds=1 if shape["rounds"] > 1 else 0)
     stats = getattr(benchmark, "stats", None)
-    return stats.stats.mean if stats is not None else None
+    # The fastest round: the least disturbed by whatever else shares the machine.
+    return stats.stats.min if stats is not None else None
 
 
 def test_frozen_clip_train_step(benchmark, shape):
     benchmark.group = f"nearl_clip {shape['id']} train_step"
     model, images, texts, labels = model_case(shape, fused=False)
-    mean = _record(benchmark, shape, "train_step", "frozen_clip", lambda: frozen_clip_step(model, images, texts, labels))
-    if mean:
-        _BASELINE[shape["id"]] = mean
+    fastest = _record(benchmark, shape, "train_step", "frozen_clip", lambda: frozen_clip_step(model, images, texts, labels))
+    if fastest:
+        _BASELINE[shape["id"]] = fastest
     assert benchmark.extra_info["launches"] > 0
 
 
@@ -109,9 +110,10 @@ def test_frozen_clip_train_step(benchmark, shape):
 def test_nearl_train_step(benchmark, shape, provider):
     benchmark.group = f"nearl_clip {shape['id']} train_step"
     model, images, texts, labels = model_case(shape, fused=provider == "fused")
-    mean = _record(benchmark, shape, "train_step", provider, lambda: nearl_step(model, images, texts, labels))
-    if mean and shape["id"] in _BASELINE:
-        benchmark.extra_info["adapter_overhead"] = mean / _BASELINE[shape["id"]] - 1
+    fastest = _record(benchmark, shape, "train_step", provider, lambda: nearl_step(model, images, texts, labels))
+    if fastest and shape["id"] in _BASELINE:
+        # Fastest round over fastest round: on a shared machine the means wander by 10-20%.
+        benchmark.extra_info["adapter_overhead"] = fastest / _BASELINE[shape["id"]] - 1
     assert benchmark.extra_info["mode"] == "train_step"
 
 

@@ -35,6 +35,7 @@ def load_rows(path: str) -> (List[Dict], Dict):
     for b in data.get("benchmarks", []):
         info = dict(b.get("extra_info", {}))
         info["mean_seconds"] = b["stats"]["mean"]
+        info["min_seconds"] = b["stats"]["min"]
         info["stddev_seconds"] = b["stats"]["stddev"]
         rows.append(info)
     reference = {(r["op"], r["shape"], r["mode"]): r["mean_seconds"] for r in rows if r.get("provider") == "reference"}
@@ -54,14 +55,15 @@ def markdown(rows: List[Dict], machine: Dict, env: Dict) -> str:
     lines.append(f"Machine: {env.get('gpu', cpu)}; {env.get('cores', machine.get('cpu', {}).get('count', '?'))} cores; "
                  f"torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, python {machine.get('python_version', '?')}.")
     lines.append("")
-    lines.append("| op | shape | mode | provider | mean | speed-up vs reference | bytes moved | GB/s | TFLOP/s | launches | peak memory | adapter overhead |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| op | shape | mode | provider | mean | min | speed-up vs reference | bytes moved | GB/s | TFLOP/s | launches | peak memory | adapter overhead |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     order = {"reference": 0, "compiled": 1, "fused": 2, "xformers": 3, "frozen_clip": 4}
     rows = sorted(rows, key=lambda r: (r["op"], r["shape"], r["mode"], order.get(r["provider"], 9)))
     for r in rows:
         overhead = r.get("adapter_overhead")
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | {r['mean_seconds'] * 1e3:.2f} ms | "
+            f"{r['min_seconds'] * 1e3:.2f} ms | "
             f"{_fmt(r.get('speedup'), '.2f')}x | {_fmt_bytes(r.get('bytes_moved'))} | {_fmt(r.get('gb_per_s'), '.1f')} | "
             f"{_fmt(r.get('tflops'), '.3f')} | {_fmt(r.get('launches'), 'd')} | {_fmt_bytes(r.get('peak_memory_bytes'))} | "
             f"{'-' if overhead is None else f'{overhead * 100:+.1f}%'} |"

@@ -182,3 +182,35 @@ def test_bad_input_exits_2_with_reason_and_no_checkpoint(folder, tmp_path, capsy
     blocker.write_text("")
     _fails_cleanly([], blocker / "out", capsys, "cannot write to output directory")
     _fails_cleanly(["--data", str(folder), "--resume"], tmp_path / "fresh", capsys, "no checkpoint")
+
+
+def write_dicom(path, pixels):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def test_dicom_folder(tmp_path):
+    pytest.importorskip("pydicom", reason="the dicom extra is not installed")
+    images, labels = synthetic_xrays(24, seed=9, size=32)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        folder = tmp_path / "dicom" / ("normal" if label == 0 else "finding")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_dicom(folder / f"{i:03d}.dcm", img)
+    out = tmp_path / "run"
+    assert main(["--data", str(tmp_path / "dicom"), "--epochs", "1", "--out", str(out), *FAST]) == 0
+    summary = json.load(open(out / "summary.json"))
+    assert summary["classes"] == ["finding", "normal"]

@@ -27,6 +27,32 @@ def _attend_head(b_h, b_k, b_v, m_e, m_m, scale):
     return p, o
 
 
+@triton.jit
+def _load_kv(k_ptr, v_ptr, i_z, o_m, o_r, m_m, m_r, M: tl.constexpr, R: tl.constexpr):
+    """The group's keys and values (z W_k, z W_v), fp32: [BM, BR] each."""
+    p_kv = i_z * M * R + o_m[:, None] * R + o_r[None, :]
+    m_kv = m_m[:, None] & m_r[None, :]
+    return tl.load(k_ptr + p_kv, mask=m_kv, other=0.0), tl.load(v_ptr + p_kv, mask=m_kv, other=0.0)
+
+
+@triton.jit
+def _delta(b_h, b_k, b_v, b_wu, b_bu, o_r, m_r, m_m, scale, DT: tl.constexpr,
+           BL: tl.constexpr, BR: tl.constexpr, RH: tl.constexpr, H: tl.constexpr,
+           LOWP: tl.constexpr, INTERPRET: tl.constexpr):
+    """Attention over the group's queries, all heads, then the up-projection: (o [BL, BR], delta [BL, BD])."""
+    b_o = tl.zeros((BL, BR), dtype=tl.float32)
+    for e in tl.static_range(H):
+        m_e = ((o_r // RH) == e) & m_r
+        _, o_e = _attend_head(b_h, b_k, b_v, m_e, m_m, scale)
+        b_o += o_e
+    # The up-projection is the one large dot: tensor cores in bf16/fp16, IEEE fp32 otherwise.
+    if LOWP:
+        b_delta = lowp_dot(b_o, b_wu, DT, INTERPRET)
+    else:
+        b_delta = tl.dot(b_o, b_wu.to(tl.float32), input_precision="ieee")
+    return b_o, b_delta + b_bu[None, :]
+
+
 @triton.jit(do_not_specialize=["L"])
 def oca_fwd_kernel(
     x_ptr,   # [G, L, D]   tokens, input dtype
@@ -52,25 +78,11 @@ def oca_fwd_kernel(
     b_x = tl.load(p_x, mask=m_l[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BL, BD]
     p_h = h_ptr + i_g * L * R + o_l[:, None] * R + o_r[None, :]
     b_h = tl.load(p_h, mask=m_l[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # [BL, BR]
-    p_kv = i_z * M * R + o_m[:, None] * R + o_r[None, :]
-    m_kv = m_m[:, None] & m_r[None, :]
-    b_k = tl.load(k_ptr + p_kv, mask=m_kv, other=0.0)  # [BM, BR]
-    b_v = tl.load(v_ptr + p_kv, mask=m_kv, other=0.0)  # [BM, BR]
-
-    b_o = tl.zeros((BL, BR), dtype=tl.float32)
-    for e in tl.static_range(H):
-        m_e = ((o_r // RH) == e) & m_r
-        _, o_e = _attend_head(b_h, b_k, b_v, m_e, m_m, scale)
-        b_o += o_e
-
+    b_k, b_v = _load_kv(k_ptr, v_ptr, i_z, o_m, o_r, m_m, m_r, M, R)  # [BM, BR] each
     b_wu = tl.load(wu_ptr + o_r[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)  # [BR, BD]
     b_bu = tl.load(bu_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BD]
-    # The up-projection is the one large dot: tensor cores in bf16/fp16, IEEE fp32 otherwise.
-    if LOWP:
-        b_delta = lowp_dot(b_o, b_wu, x_ptr.dtype.element_ty, INTERPRET)
-    else:
-        b_delta = tl.dot(b_o, b_wu.to(tl.float32), input_precision="ieee")
-    b_delta += b_bu[None, :]  # [BL, BD]
+    _, b_delta = _delta(b_h, b_k, b_v, b_wu, b_bu, o_r, m_r, m_m, scale, x_ptr.dtype.element_ty,
+                        BL, BR, RH, H, LOWP, INTERPRET)  # [BL, BD]
 
     s_novel = tl.load(s_ptr)
     s_incr = tl.load(s_ptr + 1)
@@ -115,23 +127,13 @@ def oca_bwd_kernel(
     b_x = tl.load(x_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)    # [BL, BD]
     b_dy = tl.load(dy_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)  # [BL, BD]
     b_h = tl.load(h_ptr + o_lr, mask=m_lr, other=0.0).to(tl.float32)    # [BL, BR]
-    p_kv = i_z * M * R + o_m[:, None] * R + o_r[None, :]
-    m_kv = m_m[:, None] & m_r[None, :]
-    b_k = tl.load(k_ptr + p_kv, mask=m_kv, other=0.0)  # [BM, BR]
-    b_v = tl.load(v_ptr + p_kv, mask=m_kv, other=0.0)  # [BM, BR]
+    b_k, b_v = _load_kv(k_ptr, v_ptr, i_z, o_m, o_r, m_m, m_r, M, R)    # [BM, BR] each
     b_wu = tl.load(wu_ptr + o_r[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)  # [BR, BD]
     b_bu = tl.load(bu_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
 
-    # Recompute the forward: attention output and delta (cheaper than storing delta).
-    b_o = tl.zeros((BL, BR), dtype=tl.float32)
-    for e in tl.static_range(H):
-        m_e = ((o_r // RH) == e) & m_r
-        _, o_e = _attend_head(b_h, b_k, b_v, m_e, m_m, scale)
-        b_o += o_e
-    if LOWP:
-        b_delta = lowp_dot(b_o, b_wu, x_ptr.dtype.element_ty, INTERPRET) + b_bu[None, :]
-    else:
-        b_delta = tl.dot(b_o, b_wu.to(tl.float32), input_precision="ieee") + b_bu[None, :]
+    # Recompute the forward's attention output and delta (cheaper than storing delta).
+    b_o, b_delta = _delta(b_h, b_k, b_v, b_wu, b_bu, o_r, m_r, m_m, scale, x_ptr.dtype.element_ty,
+                          BL, BR, RH, H, LOWP, INTERPRET)
 
     s_novel = tl.load(s_ptr)
     s_incr = tl.load(s_ptr + 1)
@@ -170,8 +172,9 @@ def oca_bwd_kernel(
         b_dk += tl.dot(tl.trans(d_s), tl.where(m_e[None, :], b_h, 0.0), input_precision="ieee")
     tl.store(dh_ptr + o_lr, b_dh.to(dh_ptr.dtype.element_ty), mask=m_lr)
     p_part = (i_g * NL + i_l) * M * R + o_m[:, None] * R + o_r[None, :]
-    tl.store(dk_ptr + p_part, b_dk, mask=m_kv)
-    tl.store(dv_ptr + p_part, b_dv, mask=m_kv)
+    m_part = m_m[:, None] & m_r[None, :]
+    tl.store(dk_ptr + p_part, b_dk, mask=m_part)
+    tl.store(dv_ptr + p_part, b_dv, mask=m_part)
 
 
 @triton.jit(do_not_specialize=["N", "ROWS"])

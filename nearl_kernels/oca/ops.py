@@ -59,11 +59,16 @@ def _check_oca_inputs(x, z, w_down, b_down, w_k, w_v, w_up, b_up, s_novel, s_inc
     check_same_device(x=x, z=z, w_down=w_down, w_up=w_up)
 
 
-def _tile_config(d: int) -> Tuple[int, int, int]:
-    """(BLOCK_L, BLOCK_D, num_warps): full rows of d in registers, about 8K fp32 per tile."""
+def _tile_config(d: int, backward: bool = False) -> Tuple[int, int, int]:
+    """(BLOCK_L, BLOCK_D, num_warps): full rows of d in registers, 16 to 64 rows (tl.dot needs 16).
+
+    The backward holds five (BLOCK_L, BLOCK_D) fp32 tiles to the forward's
+    three, so it gets twice the warps. A heuristic: no GPU has tuned it yet.
+    """
     block_d = next_pow2(d)
     block_l = max(16, min(64, 8192 // block_d))
-    return block_l, block_d, 4 if block_l * block_d <= 8192 else 8
+    warps = 4 if block_l * block_d <= 8192 else 8
+    return block_l, block_d, 2 * warps if backward else warps
 
 
 def _kv(z, w_k, w_v):
@@ -113,7 +118,7 @@ def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, 
     M, r = z.shape[1], h.shape[2]
     k, v = _kv(z, w_k, w_v)
     scales = _scales(s_novel, s_incr)
-    BL, BD, warps = _tile_config(d)
+    BL, BD, warps = _tile_config(d, backward=True)
     NL = triton.cdiv(L, BL)
     f32 = dict(like=x, dtype=torch.float32)
     dx, dh = new_output(*x.shape, like=x), new_output(*h.shape, like=h)
