@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import images_for, make_model, perturb_adapters
+from helpers import DEVICE, images_for, make_model, perturb_adapters
 
-LABELS = torch.tensor([0, 2])
+# On a GPU machine the fused model runs the Triton kernels natively; here, interpreted.
+LABELS = torch.tensor([0, 2], device=DEVICE)
 
 
 def _loss_and_grads(model, images, texts):
@@ -17,10 +18,10 @@ def _loss_and_grads(model, images, texts):
 
 @pytest.mark.parametrize("mode", ["paired", "shared"])
 def test_fused_matches_reference_logits_and_adapter_grads(mode, texts, poison):
-    ref = perturb_adapters(make_model(mode, fused=False))
-    fused = perturb_adapters(make_model(mode, fused=True))
+    ref = perturb_adapters(make_model(mode, fused=False)).to(DEVICE)
+    fused = perturb_adapters(make_model(mode, fused=True)).to(DEVICE)
     assert ref.state_dict().keys() == fused.state_dict().keys()
-    images = images_for(ref)
+    images, texts = images_for(ref).to(DEVICE), texts.to(DEVICE)
     logits_ref, grads_ref = _loss_and_grads(ref, images, texts)
     logits, grads = _loss_and_grads(fused, images, texts)
     assert (logits - logits_ref).abs().max() <= 1e-4 * logits_ref.abs().max()
@@ -31,18 +32,19 @@ def test_fused_matches_reference_logits_and_adapter_grads(mode, texts, poison):
 
 
 def test_autocast_bf16_outputs_in_input_dtype(texts):
-    model = perturb_adapters(make_model(fused=True))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(images_for(model), texts)
+    model = perturb_adapters(make_model(fused=True)).to(DEVICE)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        logits = model(images_for(model).to(DEVICE), texts.to(DEVICE))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
 def test_torch_compile_fullgraph_forward_and_backward(texts, monkeypatch):
-    # Inductor traces the custom ops through their fake implementations and
-    # calls their CPU implementation (the reference maths) at run time.
+    # Inductor traces the custom ops through their fake implementations; at run
+    # time they call Triton on CUDA and the reference maths on CPU (the
+    # interpreter is off here: it would only make the compiled run slow).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    model = perturb_adapters(make_model(fused=True, backbone="nearl-tiny-2"))
-    images = images_for(model)
+    model = perturb_adapters(make_model(fused=True, backbone="nearl-tiny-2")).to(DEVICE)
+    images, texts = images_for(model).to(DEVICE), texts.to(DEVICE)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     loss = F.cross_entropy(compiled(images, texts), LABELS)
