@@ -61,12 +61,16 @@ def markdown(rows: List[Dict], machine: Dict, env: Dict) -> str:
     rows = sorted(rows, key=lambda r: (r["op"], r["shape"], r["mode"], order.get(r["provider"], 9)))
     for r in rows:
         overhead = r.get("adapter_overhead")
+        spread = r.get("adapter_overhead_range")
+        overhead_text = "-" if overhead is None else f"{overhead * 100:+.1f}%"
+        if overhead is not None and spread:
+            overhead_text += f" ({spread[0] * 100:+.1f}..{spread[1] * 100:+.1f})"
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | {r['mean_seconds'] * 1e3:.2f} ms | "
             f"{r['min_seconds'] * 1e3:.2f} ms | "
             f"{_fmt(r.get('speedup'), '.2f')}x | {_fmt_bytes(r.get('bytes_moved'))} | {_fmt(r.get('gb_per_s'), '.1f')} | "
             f"{_fmt(r.get('tflops'), '.3f')} | {_fmt(r.get('launches'), 'd')} | {_fmt_bytes(r.get('peak_memory_bytes'))} | "
-            f"{'-' if overhead is None else f'{overhead * 100:+.1f}%'} |"
+            f"{overhead_text} |"
         )
     return "\n".join(lines) + "\n"
 
