@@ -25,8 +25,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _ACTIVE: Optional["TrafficAudit"] = None
-# Allocations launch nothing and move no bytes.
-_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+# Allocations, and _unsafe_view (a view its schema does not mark as one),
+# launch nothing and move no bytes.
+_NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view"}
 
 
 def launch(kernel, grid, tensors: Dict[str, torch.Tensor], *args, **kwargs) -> None:
@@ -166,7 +167,7 @@ class TrafficAudit(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self._in_kernel or func.overloadpacket.__name__ in _ALLOCATIONS:
+        if self._in_kernel or func.overloadpacket.__name__ in _NO_TRAFFIC:
             return out
         if any(r.alias_info is not None for r in func._schema.returns) or func.is_view:
             return out
