@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import nearl_model.train as train_mod
 from nearl_model import evaluate, predict
 from nearl_model.data import synthetic_xrays
 from nearl_model.train import main

@@ -14,7 +14,6 @@ queries ``h = x W_d + b_d`` (L, r) and synergy queries ``z`` (M, r)::
     y = x + s_novel * (delta - c x) + s_incr * c x
 """
 
-import math
 from typing import Callable, Optional
 
 import torch
