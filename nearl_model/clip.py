@@ -17,6 +17,7 @@ from ._io import atomic_write
 from .backbones import create_clip
 from .config import NearlConfig
 from .modules import NearlAdapters
+from .prompts import tokenize_prompts
 
 ADAPTER_FORMAT = "nearl-adapter-v1"
 SUPPORTED_TOWERS = (
@@ -338,7 +339,8 @@ def load_trained(path: str, pretrained: Optional[str] = None, fused: bool = Fals
     ``pretrained`` if the weights file has moved.
 
     Returns:
-        (model, run): the NearlCLIP with the adapter loaded, and the run record.
+        (model, run, texts): the NearlCLIP with the adapter loaded, the run
+        record, and its prompts as token ids.
     """
     _, metadata = read_adapter(path)
     if "nearl_run" not in metadata:
@@ -349,4 +351,5 @@ def load_trained(path: str, pretrained: Optional[str] = None, fused: bool = Fals
     clip = create_clip(run["model"], pretrained or run["pretrained"])
     model = NearlCLIP(clip, NearlConfig.from_json(metadata["nearl_config"]), fused=fused)
     model.load_adapter(path)
-    return model.eval(), run
+    texts = tokenize_prompts(run["prompts"], run["model"], model.text_tower.context_length)
+    return model.eval(), run, texts

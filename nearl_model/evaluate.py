@@ -10,8 +10,7 @@ import torch
 
 from .clip import load_trained
 from .data import DataError, load_dataset
-from .metrics import format_per_class
-from .prompts import tokenize_prompts
+from .metrics import format_per_class, format_scores
 from .train import evaluate
 
 
@@ -26,16 +25,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", help="write the metrics here as JSON")
     args = p.parse_args(argv)
     try:
-        model, run = load_trained(args.adapter, args.pretrained, fused=args.fused)
+        model, run, texts = load_trained(args.adapter, args.pretrained, fused=args.fused)
         data = load_dataset(args.data, model.image_size[0], classes=run["classes"], seed=args.seed)
     except (DataError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    texts = tokenize_prompts(run["prompts"], run["model"], model.text_tower.context_length)
     metrics = evaluate(model, data.splits[args.split], texts, run["classes"], torch.device("cpu"), "fp32")
-    auroc = "n/a" if metrics["auroc"] is None else f"{metrics['auroc']:.3f}"
-    print(f"{args.split}: accuracy {metrics['accuracy']:.3f}  balanced accuracy {metrics['balanced_accuracy']:.3f}  "
-          f"macro F1 {metrics['macro_f1']:.3f}  AUROC {auroc}  ({len(data.splits[args.split])} images)")
+    print(f"{args.split}: {format_scores(metrics)}  ({len(data.splits[args.split])} images)")
     print(format_per_class(metrics))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

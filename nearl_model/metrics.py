@@ -44,6 +44,13 @@ def classification_metrics(labels: Sequence[int], probs: np.ndarray, classes: Se
     }
 
 
+def format_scores(metrics: Dict) -> str:
+    """One line: accuracy, balanced accuracy, macro F1 and AUROC ("n/a" where undefined)."""
+    auroc = "n/a" if metrics["auroc"] is None else f"{metrics['auroc']:.3f}"
+    return (f"accuracy {metrics['accuracy']:.3f}  balanced accuracy {metrics['balanced_accuracy']:.3f}  "
+            f"macro F1 {metrics['macro_f1']:.3f}  AUROC {auroc}")
+
+
 def format_per_class(metrics: Dict) -> str:
     rows = [f"{'class':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
     for r in metrics["per_class"]:

@@ -8,7 +8,6 @@ import torch
 
 from .clip import load_trained
 from .data import DataError, preprocess, read_image
-from .prompts import tokenize_prompts
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -19,8 +18,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("images", nargs="+", help="image or DICOM files")
     args = p.parse_args(argv)
     try:
-        model, run = load_trained(args.adapter, args.pretrained, fused=args.fused)
-        texts = tokenize_prompts(run["prompts"], run["model"], model.text_tower.context_length)
+        model, run, texts = load_trained(args.adapter, args.pretrained, fused=args.fused)
         size = model.image_size[0]
         batch = torch.stack([preprocess(read_image(path), size) for path in args.images])
     except (DataError, ValueError, FileNotFoundError, RuntimeError) as err:

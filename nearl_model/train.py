@@ -28,7 +28,7 @@ from .backbones import create_clip
 from .clip import NearlCLIP
 from .config import NearlConfig
 from .data import DataError, LabeledImages, few_shot, load_dataset
-from .metrics import classification_metrics, format_per_class, plot_confusion, plot_curves
+from .metrics import classification_metrics, format_per_class, format_scores, plot_confusion, plot_curves
 from .prompts import class_prompts, tokenize_prompts
 
 DEMO_TEMPLATE = "a chest X-ray showing {}."
@@ -324,9 +324,7 @@ def run(args) -> int:
                 "val": {k: val[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")},
             }
             history.append(record)
-            auroc = "n/a" if val["auroc"] is None else f"{val['auroc']:.3f}"
-            print(f"epoch {epoch + 1:>3}/{args.epochs}  loss {train_loss:.4f}  val acc {val['accuracy']:.3f}  "
-                  f"bal acc {val['balanced_accuracy']:.3f}  F1 {val['macro_f1']:.3f}  AUROC {auroc}  "
+            print(f"epoch {epoch + 1:>3}/{args.epochs}  loss {train_loss:.4f}  val {format_scores(val)}  "
                   f"{seen / train_seconds:.1f} img/s  {train_seconds:.1f}s", flush=True)
             save_checkpoint(args, model, optimizer, scheduler, scaler, history, epoch + 1, classes, prompts)
         if world > 1:
@@ -367,9 +365,7 @@ def finish(args, model, data, texts, classes, device, history, n_params, seconds
     if history:
         plot_curves(history, os.path.join(args.out, "curves.png"))
     plot_confusion(test["confusion_matrix"], classes, os.path.join(args.out, "confusion.png"))
-    auroc = "n/a" if test["auroc"] is None else f"{test['auroc']:.3f}"
-    print(f"test: accuracy {test['accuracy']:.3f}  balanced accuracy {test['balanced_accuracy']:.3f}  "
-          f"macro F1 {test['macro_f1']:.3f}  AUROC {auroc}")
+    print(f"test: {format_scores(test)}")
     print(format_per_class(test))
     print(f"wrote {args.out}/: adapter.safetensors, checkpoint.pt, metrics.jsonl, summary.json, curves.png, "
           f"confusion.png ({seconds:.0f}s)")
