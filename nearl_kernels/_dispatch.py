@@ -25,6 +25,17 @@ def is_low_precision(t: torch.Tensor) -> bool:
     return t.dtype in (torch.bfloat16, torch.float16)
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``, for grids sized to fill it (1 off CUDA).
+
+    The compile gate replaces this with its target's count, since it builds
+    launches on the meta device with no GPU present.
+    """
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 # Tests set this so every output buffer starts as NaN: an element a kernel
 # forgets to write then fails loudly instead of passing on leftover memory.
 POISON_OUTPUTS = False
