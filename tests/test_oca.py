@@ -136,11 +136,14 @@ def test_bad_inputs_named_before_launch():
         nk.oca(x.long(), *args)
     with pytest.raises(ValueError, match="r=32 must be a multiple of n_heads=3"):
         nk.oca(x, *args, n_heads=3)
-    with pytest.raises(ValueError, match=r"head width r / n_heads must be in \[1, 128\]; got 256"):
+    with pytest.raises(ValueError, match=r"adapter width r = w_down.shape\[1\] must be in \[1, 64\]; got 256"):
         nk.oca(x, torch.zeros(2, 16, 256), torch.zeros(96, 256), torch.zeros(256), torch.zeros(256, 256),
                torch.zeros(256, 256), torch.zeros(256, 96), *args[6:], n_heads=1)
-    with pytest.raises(ValueError, match=r"M = z.shape\[1\] must be in \[1, 128\]; got 200"):
+    with pytest.raises(ValueError, match=r"M = z.shape\[1\] must be in \[1, 64\]; got 200"):
         nk.oca(x, torch.zeros(2, 200, 32), *args[1:])
+    with pytest.raises(ValueError, match=r"r=64 with M=32 synergy queries is outside the compiled envelope"):
+        nk.oca(x, torch.zeros(2, 32, 64), torch.zeros(96, 64), torch.zeros(64), torch.zeros(64, 64),
+               torch.zeros(64, 64), torch.zeros(64, 96), *args[6:])
     with pytest.raises(ValueError, match="group_size must be a positive int dividing G=2; got 3"):
         nk.oca(x, *args, group_size=3)
     with pytest.raises(ValueError, match=r"z must be \(G // group_size, M, r\) = \(1, 16, 32\)"):
@@ -162,3 +165,32 @@ def test_other_widths_heads_and_query_counts(r, M, heads):
     _, vjp = torch.func.vjp(lambda *t: oca_reference(*t, heads, 2, 1e-6), x, *a.values())
     for name, g, g_ref in zip(GRAD_NAMES, grads, vjp(dy)):
         assert rel_err(g, g_ref) <= 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_runs_the_up_projection_in_the_autocast_dtype(dtype):
+    # Under autocast the residual stream stays fp32 and h arrives in the autocast dtype;
+    # the fused op's dots run in that dtype, as the reference's matmuls do under the same autocast.
+    x, a = make_inputs(2, 50, 96, T=2, s_incr=0.2)
+    w_down = torch.randn(96, 32, device=DEVICE) / 10
+    b_down = torch.randn(32, device=DEVICE) / 10
+    rest = [a[k] for k in ("z", "w_k", "w_v", "w_up", "b_up", "s_novel", "s_incr")]
+    leaves = [x, w_down, rest[3]]
+
+    def run(fused, autocast):
+        xs = [t.clone().requires_grad_() for t in leaves]
+        with torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
+            y, _ = nk.oca(xs[0], rest[0], xs[1], b_down, rest[1], rest[2], xs[2], *rest[4:], group_size=2,
+                          fused=fused)
+        assert y.dtype == torch.float32
+        y.backward(torch.ones_like(y) / y.numel() ** 0.5)
+        return [y.detach()] + [t.grad for t in xs]
+
+    ref32 = run(False, False)
+    ref_autocast = run(False, True)
+    fused = run(True, True)
+    for name, out, r32, rlp in zip(("y", "dx", "dw_down", "dw_up"), fused, ref32, ref_autocast):
+        ok, errs = within_twice_torch_error(out, r32, rlp, dtype)
+        assert ok, (name, errs)
+    # And it really is low precision: the fused output is not the fp32 result.
+    assert not torch.equal(fused[0], ref32[0])

@@ -10,17 +10,20 @@ from typing import Optional, Tuple
 
 import torch
 import triton
+import triton.language as tl
 
 from .._checks import check_heads, check_same_device, check_shape, check_tensor
-from .._dispatch import no_autocast, interpreting, is_low_precision, new_output, next_pow2, use_triton
-from ..audit import launch
+from .._dispatch import is_low_precision, new_output, next_pow2, no_autocast, sm_count, use_triton
 from .kernels import oca_bwd_dwu_kernel, oca_bwd_kernel, oca_fwd_kernel
 from .reference import down_project, oca_reference
 
-# The kernels hold a (BLOCK_L, r) query tile and a (M, r) key/value tile in
-# registers; these bounds keep them there on every GPU we target.
-MAX_HEAD_WIDTH = 128
-MAX_QUERIES = 128
+# The kernels hold a (BLOCK_L, r) query tile and an (M, r) key/value tile in
+# registers; the compile gate proves these bounds spill-free on sm_80 and sm_90.
+MAX_WIDTH = 64
+MAX_QUERIES = 64
+# ... and their tiles together: next_pow2(r) * next_pow2(M) (each at least 16)
+# at most this, i.e. M <= 16 at r = 64, M <= 32 at r = 32, M <= 64 at r <= 16.
+MAX_TILE_PRODUCT = 1024
 
 
 def _check_oca_inputs(x, z, w_down, b_down, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, h):
@@ -33,14 +36,19 @@ def _check_oca_inputs(x, z, w_down, b_down, w_k, w_v, w_up, b_up, s_novel, s_inc
             f"x must be (G, L, d) with d == w_down.shape[0]; got x {tuple(x.shape)} and w_down {tuple(w_down.shape)}"
         )
     r = w_down.shape[1]
-    rh = check_heads(r, n_heads)
-    if not 1 <= rh <= MAX_HEAD_WIDTH:
-        raise ValueError(f"head width r / n_heads must be in [1, {MAX_HEAD_WIDTH}]; got {rh}")
+    if not 1 <= r <= MAX_WIDTH:
+        raise ValueError(f"adapter width r = w_down.shape[1] must be in [1, {MAX_WIDTH}]; got {r}")
+    check_heads(r, n_heads)
     if not isinstance(group_size, int) or group_size < 1 or G % group_size:
         raise ValueError(f"group_size must be a positive int dividing G={G}; got {group_size!r}")
     M = z.shape[1]
     if not 1 <= M <= MAX_QUERIES:
         raise ValueError(f"the number of synergy queries M = z.shape[1] must be in [1, {MAX_QUERIES}]; got {M}")
+    if next_pow2(r) * next_pow2(M) > MAX_TILE_PRODUCT:
+        raise ValueError(
+            f"r={r} with M={M} synergy queries is outside the compiled envelope: next_pow2(r) * next_pow2(M) "
+            f"(each at least 16) must be at most {MAX_TILE_PRODUCT} (M <= 16 at r = 64, M <= 32 at r = 32)"
+        )
     check_shape("z", z, (G // group_size, M, r), "(G // group_size, M, r)")
     for name, t, shape, doc in (
         ("b_down", b_down, (r,), "(r,)"),
@@ -59,16 +67,52 @@ def _check_oca_inputs(x, z, w_down, b_down, w_k, w_v, w_up, b_up, s_novel, s_inc
     check_same_device(x=x, z=z, w_down=w_down, w_up=w_up)
 
 
-def _tile_config(d: int, backward: bool = False) -> Tuple[int, int, int]:
-    """(BLOCK_L, BLOCK_D, num_warps): full rows of d in registers, 16 to 64 rows (tl.dot needs 16).
+# Tiles per op and dot precision at the default r = 32, M = 16: (BLOCK_L,
+# BLOCK_D, num_warps). Widths are runtime values in the kernels, so these
+# rows, with the token tile shrunk for wider query/key tiles (see _tiles), are
+# every specialisation the launchers can choose; `python -m
+# nearl_kernels.compile_check` compiles each for sm_90 and sm_80 and fails on
+# a spill or a launch limit.
+_TILES = {
+    ("fwd", "fp32"): (32, 64, 4),
+    ("fwd", "lowp"): (64, 64, 8),
+    ("bwd", "fp32"): (32, 32, 8),
+    ("bwd", "lowp"): (64, 64, 8),
+}
+# dW_u kernel: (BLOCK_T tokens per step, BLOCK_D columns, num_warps).
+_DWU_TILES = {"fp32": (32, 64, 4), "lowp": (64, 64, 4)}
 
-    The backward holds five (BLOCK_L, BLOCK_D) fp32 tiles to the forward's
-    three, so it gets twice the warps. A heuristic: no GPU has tuned it yet.
+
+def _tiles(which: str, precision: str, block_r: int, block_m: int) -> Tuple[int, int, int]:
+    # The attention holds [BLOCK_L, BLOCK_M] scores and several [BLOCK_L,
+    # BLOCK_R] tiles per program: keep their product at the default's.
+    block_l, block_d, warps = _TILES[which, precision]
+    shrink = max(1, (block_r * block_m) // (32 * 16))
+    if (which, precision) == ("bwd", "fp32"):
+        # Measured: its 32-token tile fits every r <= 64 at M <= 32 (the FMA
+        # dots' operands dominate), and needs halving only for M = 64.
+        shrink = max(1, block_m // 32)
+    return max(16, block_l // shrink), block_d, warps
+
+
+def _precision(dot_dtype: torch.dtype) -> str:
+    return "fp32" if dot_dtype == torch.float32 else "lowp"
+
+
+def resolve_dot_dtype(x: torch.Tensor, dot_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype of the OCA's up-projection dots: x's if bf16/fp16, else ``dot_dtype`` or fp32.
+
+    Under ``torch.autocast`` the residual stream stays fp32 while autocast
+    asks for bf16/fp16 matmuls; ``oca()`` passes the autocast dtype here so the
+    dots run on tensor cores, as the reference's matmuls do under the same autocast.
     """
-    block_d = next_pow2(d)
-    block_l = max(16, min(64, 8192 // block_d))
-    warps = 4 if block_l * block_d <= 8192 else 8
-    return block_l, block_d, 2 * warps if backward else warps
+    if is_low_precision(x):
+        return x.dtype
+    if dot_dtype in (None, torch.float32):
+        return torch.float32
+    if dot_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dot_dtype must be float32, bfloat16 or float16; got {dot_dtype}")
+    return dot_dtype
 
 
 def _kv(z, w_k, w_v):
@@ -81,74 +125,81 @@ def _scales(s_novel, s_incr):
     return torch.stack([s_novel.detach().float(), s_incr.detach().float()])
 
 
-@no_autocast
-def oca_fwd_triton(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps):
-    """Launch oca_fwd_kernel: y (G, L, d) in x.dtype."""
-    x, h, w_up = x.contiguous(), h.contiguous(), w_up.contiguous()
+def _token_launch(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, dot_dtype, which):
+    """What both token kernels share: contiguous inputs, k/v, scales, tiles, grid, runtime sizes."""
     G, L, d = x.shape
     M, r = z.shape[1], h.shape[2]
-    k, v = _kv(z, w_k, w_v)
-    scales = _scales(s_novel, s_incr)
-    y = new_output(*x.shape, like=x)
-    BL, BD, warps = _tile_config(d)
-    grid = (triton.cdiv(L, BL), G)
-    launch(
-        oca_fwd_kernel, grid, dict(x=x, h=h, y=y, k=k, v=v, w_up=w_up, b_up=b_up, scales=scales),
-        x, h, k, v, w_up, b_up, scales, y, L, eps, 1.0 / math.sqrt(r // n_heads),
-        D=d, R=r, M=M, RH=r // n_heads, H=n_heads, T=group_size,
-        BL=BL, BD=BD, BR=next_pow2(r), BM=next_pow2(M), LOWP=is_low_precision(x), INTERPRET=interpreting(),
-        num_warps=warps,
+    BR, BM = next_pow2(r), next_pow2(M)
+    BL, BD, warps = _tiles(which, _precision(dot_dtype), BR, BM)
+    NL = triton.cdiv(L, BL)
+    tensors = (
+        x.contiguous(), h.contiguous(), *_kv(z, w_k, w_v),
+        w_up.to(dot_dtype).contiguous(), b_up.float().contiguous(), _scales(s_novel, s_incr),
     )
+    # Sequences x token tiles on grid axis 0 (up to 2^31 - 1 programs): axis 1
+    # would cap paired mode at 65,535 text sequences.
+    sizes = (L, NL, d, r, M, r // n_heads, n_heads, group_size)
+    meta = dict(BL=BL, BD=BD, BR=BR, BM=BM, DOT=_TL_DTYPES[dot_dtype], num_warps=warps)
+    return tensors, (G * NL,), sizes, meta
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@no_autocast
+def oca_fwd_triton(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype=None):
+    """Launch oca_fwd_kernel: y (G, L, d) in x.dtype."""
+    dot_dtype = resolve_dot_dtype(x, dot_dtype)
+    tensors, grid, sizes, meta = _token_launch(
+        x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, dot_dtype, "fwd")
+    y = new_output(*x.shape, like=x)
+    oca_fwd_kernel[grid](*tensors, y, *sizes, eps, 1.0 / math.sqrt(h.shape[2] // n_heads), **meta)
     return y
 
 
-def _dwu_splits(n_tokens: int, d: int, block_d: int) -> int:
-    # Enough (column block, token split) programs to fill a GPU; one split when interpreting.
-    if interpreting():
-        return 1
-    target = 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return max(1, min(triton.cdiv(n_tokens, 256), target // triton.cdiv(d, block_d)))
+def _dwu_splits(n_tokens: int, n_col_blocks: int, device: torch.device) -> int:
+    # Enough (column block, token split) programs to fill the GPU; at least
+    # 256 tokens per split so each program amortises its (r, BLOCK_D) store.
+    target = 4 * sm_count(device)
+    return max(1, min(triton.cdiv(n_tokens, 256), target // n_col_blocks, 65_535))
 
 
 @no_autocast
-def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps):
+def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype=None):
     """Launch the two backward kernels, then reduce the per-tile partials in a fixed order."""
-    dy, x, h, w_up = dy.contiguous(), x.contiguous(), h.contiguous(), w_up.contiguous()
+    dot_dtype = resolve_dot_dtype(x, dot_dtype)
+    tensors, grid, sizes, meta = _token_launch(
+        x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, dot_dtype, "bwd")
+    x_c, h_c, k, v, w_up_c, b_up_c, scales = tensors
+    dy = dy.contiguous()
     G, L, d = x.shape
     M, r = z.shape[1], h.shape[2]
-    k, v = _kv(z, w_k, w_v)
-    scales = _scales(s_novel, s_incr)
-    BL, BD, warps = _tile_config(d, backward=True)
-    NL = triton.cdiv(L, BL)
+    n_tiles = grid[0]
     f32 = dict(like=x, dtype=torch.float32)
     dx, dh = new_output(*x.shape, like=x), new_output(*h.shape, like=h)
     o, dp = new_output(G, L, r, **f32), new_output(G, L, **f32)
-    dk_part, dv_part = new_output(G, NL, M, r, **f32), new_output(G, NL, M, r, **f32)
-    ds_part = new_output(G, NL, 2, **f32)
-    meta = dict(D=d, R=r, M=M, RH=r // n_heads, H=n_heads, T=group_size, BR=next_pow2(r), BM=next_pow2(M))
-    lowp = is_low_precision(x)
-    tensors = dict(dy=dy, x=x, h=h, k=k, v=v, w_up=w_up, b_up=b_up, scales=scales,
-                   dx=dx, dh=dh, o=o, dp=dp, dk_part=dk_part, dv_part=dv_part, ds_part=ds_part)
-    launch(
-        oca_bwd_kernel, (NL, G), tensors,
-        dy, x, h, k, v, w_up, b_up, scales, dx, dh, o, dp, dk_part, dv_part, ds_part,
-        L, NL, eps, 1.0 / math.sqrt(r // n_heads), BL=BL, BD=BD, LOWP=lowp, INTERPRET=interpreting(),
-        num_warps=warps, **meta,
+    dk_part, dv_part = new_output(n_tiles, M, r, **f32), new_output(n_tiles, M, r, **f32)
+    ds_part = new_output(n_tiles, 2, **f32)
+    oca_bwd_kernel[grid](
+        dy, *tensors, dx, dh, o, dp, dk_part, dv_part, ds_part, *sizes, eps,
+        1.0 / math.sqrt(r // n_heads), **meta,
     )
 
     N = G * L
-    BD2 = min(128, next_pow2(d))
-    splits = _dwu_splits(N, d, BD2)
+    BT, BD2, warps2 = _DWU_TILES[_precision(dot_dtype)]
+    # An (r, BLOCK_D) fp32 accumulator per program: narrower column blocks for wider r.
+    BD2 = BD2 * 32 // max(32, meta["BR"])
+    n_col = triton.cdiv(d, BD2)
+    splits = _dwu_splits(N, n_col, x.device)
     rows = triton.cdiv(N, splits)
     dwu_part, dbu_part = new_output(splits, r, d, **f32), new_output(splits, d, **f32)
-    launch(
-        oca_bwd_dwu_kernel, (triton.cdiv(d, BD2), splits),
-        dict(dy=dy, x=x, o=o, dp=dp, scales=scales, dwu_part=dwu_part, dbu_part=dbu_part),
-        dy, x, o, dp, scales, dwu_part, dbu_part, N, rows,
-        D=d, R=r, BT=32, BD=BD2, BR=next_pow2(r), LOWP=lowp, INTERPRET=interpreting(), num_warps=4,
+    oca_bwd_dwu_kernel[(n_col, splits)](
+        dy, x_c, o, dp, scales, dwu_part, dbu_part, N, rows, d, r,
+        BT=BT, BD=BD2, BR=next_pow2(r), DOT=meta["DOT"], num_warps=warps2,
     )
 
     # Fixed-order sums over tiles and group members: deterministic by construction.
+    NL = sizes[1]
     dk = dk_part.view(-1, group_size * NL, M, r).sum(1)  # [Gz, M, r]
     dv = dv_part.view(-1, group_size * NL, M, r).sum(1)
     zf = z.float().reshape(-1, r)
@@ -156,7 +207,7 @@ def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, 
     dw_k = zf.t() @ dk.reshape(-1, r)
     dw_v = zf.t() @ dv.reshape(-1, r)
     # Outputs of a custom op may not alias each other: separate scalars.
-    ds_novel, ds_incr = ds_part.view(-1, 2).sum(0).unbind()
+    ds_novel, ds_incr = ds_part.sum(0).unbind()
     return (
         dx, dh, dz.to(z.dtype), dw_k.to(w_k.dtype), dw_v.to(w_v.dtype),
         dwu_part.sum(0).to(w_up.dtype), dbu_part.sum(0).to(b_up.dtype),
@@ -168,15 +219,15 @@ def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, 
 def oca_fwd(
     x: torch.Tensor, h: torch.Tensor, z: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
     w_up: torch.Tensor, b_up: torch.Tensor, s_novel: torch.Tensor, s_incr: torch.Tensor,
-    n_heads: int, group_size: int, eps: float,
+    n_heads: int, group_size: int, eps: float, dot_dtype: torch.dtype,
 ) -> torch.Tensor:
     if use_triton(x):
-        return oca_fwd_triton(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
+        return oca_fwd_triton(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype)
     return oca_reference(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
 
 
 @oca_fwd.register_fake
-def _oca_fwd_fake(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps):
+def _oca_fwd_fake(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype):
     return torch.empty_like(x)
 
 
@@ -184,12 +235,12 @@ def _oca_fwd_fake(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group
 def oca_bwd(
     dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, z: torch.Tensor, w_k: torch.Tensor,
     w_v: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, s_novel: torch.Tensor,
-    s_incr: torch.Tensor, n_heads: int, group_size: int, eps: float,
+    s_incr: torch.Tensor, n_heads: int, group_size: int, eps: float, dot_dtype: torch.dtype,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for (x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr)."""
     if use_triton(x):
-        return oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
+        return oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype)
     # Without Triton the backward is the vjp of the reference: the maths exists once.
     _, vjp = torch.func.vjp(
         lambda *t: oca_reference(*t, n_heads, group_size, eps), x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr
@@ -198,7 +249,7 @@ def oca_bwd(
 
 
 @oca_bwd.register_fake
-def _oca_bwd_fake(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps):
+def _oca_bwd_fake(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype):
     return tuple(torch.empty_like(t) for t in (x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr))
 
 
@@ -206,15 +257,16 @@ class OCAFunction(torch.autograd.Function):
     """Autograd glue: saves the inputs, recomputes the attention in backward."""
 
     @staticmethod
-    def forward(ctx, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps):
+    def forward(ctx, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype):
         ctx.save_for_backward(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr)
-        ctx.config = (n_heads, group_size, eps)
-        return torch.ops.nearl.oca_fwd(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
+        ctx.config = (n_heads, group_size, eps, dot_dtype)
+        return torch.ops.nearl.oca_fwd(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps,
+                                       dot_dtype)
 
     @staticmethod
     def backward(ctx, dy):
         grads = torch.ops.nearl.oca_bwd(dy.contiguous(), *ctx.saved_tensors, *ctx.config)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def oca(
@@ -261,7 +313,12 @@ def oca(
     if h is None:
         h = down_project(x, w_down, b_down)
     if fused:
-        y = OCAFunction.apply(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
+        # Under autocast the up-projection dots run in the autocast dtype (on
+        # tensor cores), as the reference's matmuls do; statistics stay fp32.
+        device = x.device.type
+        autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
+        dot_dtype = resolve_dot_dtype(x, torch.get_autocast_dtype(device) if autocast else None)
+        y = OCAFunction.apply(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype)
     else:
         y = oca_reference(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
     return y, h
