@@ -33,6 +33,7 @@ def make_inputs(G, L, d, r=32, M=16, T=1, s_incr=0.0, dtype=torch.float32, seed=
 SHAPES = [
     pytest.param(2, 1, 64, 1, 0.0, id="G2-L1-d64"),
     pytest.param(2, 7, 96, 1, 0.0, id="G2-L7-d96"),
+    pytest.param(2, 9, 100, 1, 0.3, id="G2-L9-d100-incr"),
     pytest.param(4, 50, 96, 2, 0.0, id="G4-L50-d96-T2"),
     pytest.param(2, 77, 64, 2, 0.5, id="G2-L77-d64-T2-incr"),
     pytest.param(1, 197, 64, 1, 0.0, id="G1-L197-d64"),

@@ -83,7 +83,7 @@ _TILES = {
 _DWU_TILES = {"fp32": (32, 64, 4), "lowp": (64, 64, 4)}
 
 
-def _tiles(which: str, precision: str, block_r: int, block_m: int) -> Tuple[int, int, int]:
+def _tiles(which: str, precision: str, block_r: int, block_m: int, d: int) -> Tuple[int, int, int]:
     # The attention holds [BLOCK_L, BLOCK_M] scores and several [BLOCK_L,
     # BLOCK_R] tiles per program: keep their product at the default's.
     block_l, block_d, warps = _TILES[which, precision]
@@ -130,7 +130,7 @@ def _token_launch(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group
     G, L, d = x.shape
     M, r = z.shape[1], h.shape[2]
     BR, BM = next_pow2(r), next_pow2(M)
-    BL, BD, warps = _tiles(which, _precision(dot_dtype), BR, BM)
+    BL, BD, warps = _tiles(which, _precision(dot_dtype), BR, BM, d)
     NL = triton.cdiv(L, BL)
     tensors = (
         x.contiguous(), h.contiguous(), *_kv(z, w_k, w_v),
@@ -139,6 +139,11 @@ def _token_launch(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group
     # Sequences x token tiles on grid axis 0 (up to 2^31 - 1 programs): axis 1
     # would cap paired mode at 65,535 text sequences.
     sizes = (L, NL, d, r, M, r // n_heads, n_heads, group_size)
+    if d % 16:
+        # Rows of a width no multiple of 16 cannot be loaded as vectors: one
+        # 64-bit address per element. Measured: half-width column blocks keep
+        # the backward spill-free.
+        BD //= 2
     meta = dict(BL=BL, BD=BD, BR=BR, BM=BM, DOT=_TL_DTYPES[dot_dtype], num_warps=warps)
     return tensors, (G * NL,), sizes, meta
 
