@@ -6,7 +6,7 @@ CUDA, or CPU under TRITON_INTERPRET=1: Triton) -> ``OCAFunction`` -> ``oca()``.
 """
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -15,7 +15,11 @@ import triton.language as tl
 from .._checks import check_heads, check_same_device, check_shape, check_tensor
 from .._dispatch import is_low_precision, new_output, next_pow2, no_autocast, sm_count, use_triton
 from .kernels import oca_bwd_dwu_kernel, oca_bwd_kernel, oca_fwd_kernel
-from .reference import down_project, oca_reference
+from .reference import down_project, oca_reference, oca_reference_bwd, oca_reference_fwd
+
+# The CPU path computes in fp32 whatever the caller's autocast state: its
+# saved tensors and its backward then agree on one dtype.
+_cpu_fwd, _cpu_bwd = no_autocast(oca_reference_fwd), no_autocast(oca_reference_bwd)
 
 # The kernels hold a (BLOCK_L, r) query tile and an (M, r) key/value tile in
 # registers; the compile gate proves these bounds spill-free on sm_80 and sm_90.
@@ -225,52 +229,71 @@ def oca_fwd(
     x: torch.Tensor, h: torch.Tensor, z: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
     w_up: torch.Tensor, b_up: torch.Tensor, s_novel: torch.Tensor, s_incr: torch.Tensor,
     n_heads: int, group_size: int, eps: float, dot_dtype: torch.dtype,
-) -> torch.Tensor:
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(y, saved): the Triton backward recomputes from the inputs and saves nothing; the
+    CPU backward is the analytic one of reference.py, from the tensors its forward saves."""
     if use_triton(x):
-        return oca_fwd_triton(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype)
-    return oca_reference(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
+        return oca_fwd_triton(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype), []
+    y, saved = _cpu_fwd(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
+    return y, list(saved)
 
 
 @oca_fwd.register_fake
 def _oca_fwd_fake(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype):
-    return torch.empty_like(x)
+    if use_triton(x):
+        return torch.empty_like(x), []
+    # The reference forward on fake tensors: the saved tensors' shapes come from the one place that makes them.
+    y, saved = _cpu_fwd(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
+    return y, list(saved)
 
 
 @torch.library.custom_op("nearl::oca_bwd", mutates_args=())
 def oca_bwd(
     dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, z: torch.Tensor, w_k: torch.Tensor,
     w_v: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, s_novel: torch.Tensor,
-    s_incr: torch.Tensor, n_heads: int, group_size: int, eps: float, dot_dtype: torch.dtype,
+    s_incr: torch.Tensor, saved: List[torch.Tensor], n_heads: int, group_size: int, eps: float,
+    dot_dtype: torch.dtype,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for (x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr)."""
+    """Gradients for (x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr); ``saved`` is oca_fwd's second output."""
     if use_triton(x):
         return oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype)
-    # Without Triton the backward is the vjp of the reference: the maths exists once.
-    _, vjp = torch.func.vjp(
-        lambda *t: oca_reference(*t, n_heads, group_size, eps), x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr
-    )
-    return tuple(g.clone() for g in vjp(dy.to(x.dtype)))
+    return _cpu_bwd(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, saved, n_heads, group_size, eps)
 
 
 @oca_bwd.register_fake
-def _oca_bwd_fake(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype):
+def _oca_bwd_fake(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, saved, n_heads, group_size, eps, dot_dtype):
     return tuple(torch.empty_like(t) for t in (x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr))
 
 
+def _eager_cpu(t: torch.Tensor) -> bool:
+    # Eager CPU calls the reference halves directly: the custom op's Python dispatch
+    # (about 0.1 ms a call on 2 cores) buys nothing outside torch.compile, which sees the op.
+    return not use_triton(t) and not torch.compiler.is_compiling()
+
+
 class OCAFunction(torch.autograd.Function):
-    """Autograd glue: saves the inputs, recomputes the attention in backward."""
+    """Autograd glue: saves the inputs and whatever the forward op hands over for the backward
+    (nothing for the Triton kernels, which recompute the attention)."""
 
     @staticmethod
     def forward(ctx, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype):
-        ctx.save_for_backward(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr)
+        if _eager_cpu(x):
+            y, saved = _cpu_fwd(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
+        else:
+            y, saved = torch.ops.nearl.oca_fwd(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size,
+                                               eps, dot_dtype)
+        ctx.save_for_backward(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, *saved)
         ctx.config = (n_heads, group_size, eps, dot_dtype)
-        return torch.ops.nearl.oca_fwd(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps,
-                                       dot_dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        grads = torch.ops.nearl.oca_bwd(dy.contiguous(), *ctx.saved_tensors, *ctx.config)
+        saved = ctx.saved_tensors
+        if _eager_cpu(dy):
+            grads = _cpu_bwd(dy, *saved[:9], saved[9:], *ctx.config[:3])
+        else:
+            grads = torch.ops.nearl.oca_bwd(dy.contiguous(), *saved[:9], list(saved[9:]), *ctx.config)
         return (*grads, None, None, None, None)
 
 
