@@ -10,7 +10,10 @@ Reference path: a TorchDispatchMode sums the sizes of every aten op's tensor
 inputs and outputs (views, other aliasing ops and allocations move nothing
 and are not counted), one launch per op.
 
-Launchers call :func:`launch` instead of ``kernel[grid](...)``.
+The audit hooks every ``kernel[grid](...)`` from outside, the way a profiler
+does (:func:`~nearl_kernels._launch_hook.intercept_launches`): launchers carry
+no audit arguments. A kernel's tensors are named by its own parameters, less
+a ``_ptr`` suffix (``x_ptr`` -> ``x``).
 
 >>> with TrafficAudit(n_tokens=G * L) as audit:
 ...     oca_fwd_triton(...)
@@ -24,30 +27,17 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ._launch_hook import Launch, intercept_launches
+
 _ACTIVE: Optional["TrafficAudit"] = None
 # Allocations, and _unsafe_view (a view its schema does not mark as one),
 # launch nothing and move no bytes.
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view"}
 
 
-def launch(kernel, grid, tensors: Dict[str, torch.Tensor], *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``, seen by an active audit.
-
-    ``tensors`` names the buffers the kernel touches, so the audit can say
-    whose bytes a load or store moved. Torch ops run while the kernel runs
-    belong to Triton's interpreter (argument copies), not to the op, and are
-    not counted.
-    """
-    audit = _ACTIVE
-    if audit is None:
-        kernel[grid](*args, **kwargs)
-        return
-    audit._begin_kernel(getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel)), tensors)
-    audit._in_kernel = True
-    try:
-        kernel[grid](*args, **kwargs)
-    finally:
-        audit._in_kernel = False
+def tensor_name(param: str) -> str:
+    """The name the audit reports a kernel parameter's bytes under: ``x_ptr`` -> ``x``."""
+    return param[: -len("_ptr")] if param.endswith("_ptr") and len(param) > len("_ptr") else param
 
 
 class TrafficAudit(TorchDispatchMode):
@@ -78,6 +68,7 @@ class TrafficAudit(TorchDispatchMode):
         self._ranges = []
         self._saved = None
         self._in_kernel = False
+        self._intercept = None
 
     @property
     def launches(self) -> int:
@@ -102,13 +93,30 @@ class TrafficAudit(TorchDispatchMode):
             raise RuntimeError("TrafficAudit blocks cannot nest")
         _ACTIVE = self
         self._patch_interpreter()
+        self._intercept = intercept_launches(self._on_launch)
+        self._intercept.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
         global _ACTIVE
-        _ACTIVE = None
-        self._unpatch_interpreter()
-        return super().__exit__(*exc)
+        try:
+            return super().__exit__(*exc)
+        finally:
+            _ACTIVE = None
+            self._intercept.__exit__(*exc)
+            self._intercept = None
+            self._unpatch_interpreter()
+
+    def _on_launch(self, launch: Launch):
+        # Torch ops run while the kernel runs belong to Triton's interpreter
+        # (argument copies), not to the op, and are not counted.
+        tensors = {tensor_name(n): v for n, v in launch.arguments.items() if isinstance(v, torch.Tensor)}
+        self._begin_kernel(launch.name, tensors)
+        self._in_kernel = True
+        try:
+            return launch.proceed()
+        finally:
+            self._in_kernel = False
 
     def _begin_kernel(self, kernel, tensors):
         self.kernel_launches[kernel] += 1
