@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_heads, check_same_device, check_shape, check_tensor
-from .._dispatch import is_low_precision, new_output, next_pow2, no_autocast, sm_count, use_triton
+from .._dispatch import eager_cpu, is_low_precision, new_output, next_pow2, no_autocast, sm_count, use_triton
 from .kernels import oca_bwd_dwu_kernel, oca_bwd_kernel, oca_fwd_kernel
 from .reference import down_project, oca_reference, oca_reference_bwd, oca_reference_fwd
 
@@ -266,11 +266,6 @@ def _oca_bwd_fake(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, saved, n_h
     return tuple(torch.empty_like(t) for t in (x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr))
 
 
-def _eager_cpu(t: torch.Tensor) -> bool:
-    # Eager CPU calls the reference halves directly: the custom op's Python dispatch
-    # (about 0.1 ms a call on 2 cores) buys nothing outside torch.compile, which sees the op.
-    return not use_triton(t) and not torch.compiler.is_compiling()
-
 
 class OCAFunction(torch.autograd.Function):
     """Autograd glue: saves the inputs and whatever the forward op hands over for the backward
@@ -278,7 +273,7 @@ class OCAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype):
-        if _eager_cpu(x):
+        if eager_cpu(x):
             y, saved = _cpu_fwd(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
         else:
             y, saved = torch.ops.nearl.oca_fwd(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size,
@@ -290,7 +285,7 @@ class OCAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         saved = ctx.saved_tensors
-        if _eager_cpu(dy):
+        if eager_cpu(dy):
             grads = _cpu_bwd(dy, *saved[:9], saved[9:], *ctx.config[:3])
         else:
             grads = torch.ops.nearl.oca_bwd(dy.contiguous(), *saved[:9], list(saved[9:]), *ctx.config)

@@ -12,13 +12,34 @@ from typing import List, Mapping, Tuple
 import torch
 
 from .._checks import check_heads, check_same_device, check_shape, check_tensor
-from .._dispatch import no_autocast, new_output, next_pow2, use_triton
-from ..audit import launch
+from .._dispatch import eager_cpu, new_output, next_pow2, no_autocast, use_triton
 from .kernels import synergy_bwd_kernel, synergy_fwd_kernel
-from .reference import PARAM_NAMES, synergy_reference
+from .reference import PARAM_NAMES, synergy_reference, synergy_reference_bwd, synergy_reference_fwd
 
-MAX_HEAD_WIDTH = 128
-MAX_QUERIES = 128
+# The CPU path computes in fp32 whatever the caller's autocast state.
+_cpu_fwd, _cpu_bwd = no_autocast(synergy_reference_fwd), no_autocast(synergy_reference_bwd)
+
+# One program holds a group's (M, r) queries, its per-head softmax state and, in
+# the backward, their gradients in registers. Within these bounds every tile
+# configuration below compiles without register spills for sm_80 and sm_90
+# (ptxas -v, every z/ctx dtype pair); the backward of r = 64 (BR = 64) or of
+# M = 64 with r > 16 does not fit in 255 registers per thread.
+MAX_WIDTH = 32
+MAX_HEAD_WIDTH = MAX_WIDTH  # a head is at most the whole width
+MAX_QUERIES = 32
+
+# (BR, BM) -> (BC, BF, num_warps, num_stages): context block, FFN hidden chunk,
+# warps and pipeline stages per query tile. Exact fp32 dots are FMA dots, whose
+# operands every thread holds along the whole contraction, so the blocks are
+# small and 8 warps share the work; maxnreg=255 stops ptxas from capping 8 warps
+# at 128 registers (two programs per SM) by spilling. A width of 17..32 takes
+# the BM = 32 tile for any M: its backward with BM = 16 does not fit. Each entry
+# compiles spill-free for sm_80 and sm_90, for every z/ctx dtype pair.
+_TILES = {
+    (16, 16): (16, 16, 8, 1),
+    (16, 32): (16, 16, 8, 1),
+    (32, 32): (8, 8, 8, 1),
+}
 
 
 def _param_shapes(r: int, hidden: int) -> dict:
@@ -31,9 +52,9 @@ def _check_synergy_inputs(z, ctx, ctx_mask, params, n_heads) -> List[torch.Tenso
     check_tensor("z", z, 3, "(G, M, r)")
     check_tensor("ctx", ctx, 3, "(G, Lc, r)")
     G, M, r = z.shape
-    rh = check_heads(r, n_heads)
-    if not 1 <= rh <= MAX_HEAD_WIDTH:
-        raise ValueError(f"head width r / n_heads must be in [1, {MAX_HEAD_WIDTH}]; got {rh}")
+    if not 1 <= r <= MAX_WIDTH:
+        raise ValueError(f"adapter width r = z.shape[2] must be in [1, {MAX_WIDTH}]; got {r}")
+    check_heads(r, n_heads)
     if not 1 <= M <= MAX_QUERIES:
         raise ValueError(f"the number of synergy queries M = z.shape[1] must be in [1, {MAX_QUERIES}]; got {M}")
     if ctx.shape[0] != G or ctx.shape[2] != r or ctx.shape[1] < 1:
@@ -59,10 +80,16 @@ def _as_params(flat: List[torch.Tensor]) -> dict:
     return dict(zip(PARAM_NAMES, flat))
 
 
-def _launch_meta(z, ctx, params):
+def _launch_meta(z, params, n_heads):
+    """Runtime sizes (never compile-time: one kernel per tile configuration serves them
+    all) and the tile configuration for one launch."""
     G, M, r = z.shape
+    BR = next_pow2(r)
+    BM = min(bm for br, bm in _TILES if br == BR and bm >= M)
+    BC, BF, num_warps, num_stages = _TILES[BR, BM]
     hidden = params[PARAM_NAMES.index("w_1")].shape[1]
-    return dict(M=M, R=r, F=hidden, BM=next_pow2(M), BR=next_pow2(r), BC=64, BF=min(64, next_pow2(hidden)))
+    sizes = dict(M=M, R=r, F=hidden, H=n_heads)
+    return sizes, dict(BM=BM, BR=BR, BC=BC, BF=BF, num_warps=num_warps, num_stages=num_stages, maxnreg=255)
 
 
 def _pack(params: List[torch.Tensor]) -> torch.Tensor:
@@ -80,10 +107,9 @@ def synergy_fwd_triton(z, ctx, ctx_mask, params, n_heads):
     out = new_output(*z.shape, like=z)
     o = new_output(G, M, r, like=z, dtype=torch.float32)
     lse = new_output(G, M, r, like=z, dtype=torch.float32)
-    launch(
-        synergy_fwd_kernel, (G,), dict(z=z, ctx=ctx, ctx_mask=mask, params=packed, out=out, o=o, lse=lse),
-        z, ctx, mask, packed, out, o, lse, ctx.shape[1], 1.0 / math.sqrt(r // n_heads),
-        RH=r // n_heads, H=n_heads, num_warps=4, **_launch_meta(z, ctx, params),
+    sizes, tiles = _launch_meta(z, params, n_heads)
+    synergy_fwd_kernel[(G,)](
+        z, ctx, mask, packed, out, o, lse, ctx.shape[1], **sizes, scale=1.0 / math.sqrt(r // n_heads), **tiles
     )
     return out, o, lse
 
@@ -95,56 +121,55 @@ def synergy_bwd_triton(dz, z, ctx, ctx_mask, params, o, lse, n_heads):
     mask = ctx_mask.contiguous().view(torch.uint8)
     G, M, r = z.shape
     packed = _pack(params)
-    dz_out, dctx = new_output(*z.shape, like=z), new_output(*ctx.shape, like=ctx)
+    # dz is accumulated in fp32 by the kernel (it parks dL/dz1 there), then cast.
+    dz_out, dctx = new_output(*z.shape, like=z, dtype=torch.float32), new_output(*ctx.shape, like=ctx)
     dparts = new_output(G, packed.numel(), like=z, dtype=torch.float32)
-    tensors = dict(dout=dz, z=z, ctx=ctx, ctx_mask=mask, params=packed, o=o, lse=lse,
-                   dz=dz_out, dctx=dctx, dparams=dparts)
-    launch(
-        synergy_bwd_kernel, (G,), tensors,
-        dz, z, ctx, mask, packed, o, lse, dz_out, dctx, dparts, ctx.shape[1], 1.0 / math.sqrt(r // n_heads),
-        RH=r // n_heads, H=n_heads, P=packed.numel(), num_warps=4, **_launch_meta(z, ctx, params),
+    sizes, tiles = _launch_meta(z, params, n_heads)
+    synergy_bwd_kernel[(G,)](
+        dz, z, ctx, mask, packed, o, lse, dz_out, dctx, dparts, ctx.shape[1], **sizes, P=packed.numel(),
+        scale=1.0 / math.sqrt(r // n_heads), **tiles
     )
     dflat = dparts.sum(0)
     grads, start = [], 0
     for p in params:
         grads.append(dflat[start : start + p.numel()].view_as(p).to(p.dtype, copy=True))
         start += p.numel()
-    return [dz_out, dctx, *grads]
+    return [dz_out.to(z.dtype), dctx, *grads]
 
 
 @torch.library.custom_op("nearl::synergy_fwd", mutates_args=())
 def synergy_fwd(z: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor, params: List[torch.Tensor],
-                n_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z_new, o, lse): the kernels save the attention output and log-sum-exp for backward;
-    the reference path, whose backward is a vjp, returns them empty."""
+                n_heads: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(z_new, saved): what backward needs, the attention output and log-sum-exp for the
+    kernels, the tensors synergy_reference_fwd saves for the CPU's analytic backward."""
     if use_triton(z):
-        return synergy_fwd_triton(z, ctx, ctx_mask, params, n_heads)
-    empty = z.new_empty(0, dtype=torch.float32)
-    return synergy_reference(z, ctx, ctx_mask, _as_params(params), n_heads), empty, empty.clone()
+        out, o, lse = synergy_fwd_triton(z, ctx, ctx_mask, params, n_heads)
+        return out, [o, lse]
+    return _cpu_fwd(z, ctx, ctx_mask, _as_params(params), n_heads)
 
 
 @synergy_fwd.register_fake
 def _synergy_fwd_fake(z, ctx, ctx_mask, params, n_heads):
-    saved = z.shape if use_triton(z) else (0,)
-    return torch.empty_like(z), z.new_empty(saved, dtype=torch.float32), z.new_empty(saved, dtype=torch.float32)
+    if use_triton(z):
+        return torch.empty_like(z), [z.new_empty(z.shape, dtype=torch.float32) for _ in range(2)]
+    # The reference forward on fake tensors: the saved tensors' shapes come from the one place that makes them.
+    return _cpu_fwd(z, ctx, ctx_mask, _as_params(params), n_heads)
 
 
 @torch.library.custom_op("nearl::synergy_bwd", mutates_args=())
 def synergy_bwd(dz: torch.Tensor, z: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor,
-                params: List[torch.Tensor], o: torch.Tensor, lse: torch.Tensor, n_heads: int) -> List[torch.Tensor]:
-    """Gradients for [z, ctx, *params] in PARAM_NAMES order."""
+                params: List[torch.Tensor], saved: List[torch.Tensor], n_heads: int) -> List[torch.Tensor]:
+    """Gradients for [z, ctx, *params] in PARAM_NAMES order; ``saved`` is synergy_fwd's second output."""
     if use_triton(z):
+        o, lse = saved
         return synergy_bwd_triton(dz, z, ctx, ctx_mask, params, o, lse, n_heads)
-    # Without Triton the backward is the vjp of the reference: the maths exists once.
-    _, vjp = torch.func.vjp(
-        lambda z_, c_, *p: synergy_reference(z_, c_, ctx_mask, _as_params(p), n_heads), z, ctx, *params
-    )
-    return [g.clone() for g in vjp(dz.to(z.dtype))]
+    return _cpu_bwd(dz, z, ctx, ctx_mask, _as_params(params), saved, n_heads)
 
 
 @synergy_bwd.register_fake
-def _synergy_bwd_fake(dz, z, ctx, ctx_mask, params, o, lse, n_heads):
+def _synergy_bwd_fake(dz, z, ctx, ctx_mask, params, saved, n_heads):
     return [torch.empty_like(t) for t in (z, ctx, *params)]
+
 
 
 class SynergyFunction(torch.autograd.Function):
@@ -152,15 +177,23 @@ class SynergyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx_, z, ctx, ctx_mask, n_heads, *params):
-        out, o, lse = torch.ops.nearl.synergy_fwd(z, ctx, ctx_mask, list(params), n_heads)
-        ctx_.save_for_backward(z, ctx, ctx_mask, o, lse, *params)
+        if eager_cpu(z):
+            out, saved = _cpu_fwd(z, ctx, ctx_mask, _as_params(params), n_heads)
+        else:
+            out, saved = torch.ops.nearl.synergy_fwd(z, ctx, ctx_mask, list(params), n_heads)
+        ctx_.save_for_backward(z, ctx, ctx_mask, *params, *saved)
         ctx_.n_heads = n_heads
         return out
 
     @staticmethod
     def backward(ctx_, dz):
-        z, ctx, ctx_mask, o, lse, *params = ctx_.saved_tensors
-        dz_, dctx, *dparams = torch.ops.nearl.synergy_bwd(dz.contiguous(), z, ctx, ctx_mask, params, o, lse, ctx_.n_heads)
+        z, ctx, ctx_mask, *rest = ctx_.saved_tensors
+        params, saved = rest[: len(PARAM_NAMES)], rest[len(PARAM_NAMES) :]
+        if eager_cpu(dz):
+            dz_, dctx, *dparams = _cpu_bwd(dz, z, ctx, ctx_mask, _as_params(params), saved, ctx_.n_heads)
+        else:
+            dz_, dctx, *dparams = torch.ops.nearl.synergy_bwd(dz.contiguous(), z, ctx, ctx_mask, params, saved,
+                                                              ctx_.n_heads)
         return (dz_, dctx, None, None, *dparams)
 
 
