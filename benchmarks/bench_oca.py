@@ -5,6 +5,7 @@ import torch
 
 from common import DEVICE, MODES, PROVIDERS, Case, measure, provider_or_skip, xformers_ops
 from nearl_kernels.oca import OCAFunction, oca_reference
+from nearl_kernels.oca.ops import resolve_dot_dtype
 
 R, M, HEADS = 32, 16, 2
 SHAPES = {
@@ -44,7 +45,7 @@ def oca_case(shape, provider) -> Case:
         return oca_reference(*a, HEADS, T, 1e-6)
 
     def fused(*a):
-        return OCAFunction.apply(*a, HEADS, T, 1e-6)
+        return OCAFunction.apply(*a, HEADS, T, 1e-6, resolve_dot_dtype(a[0]))
 
     def xformers(*a):
         return oca_reference(*a, HEADS, T, 1e-6, attention=_xformers_attention)
