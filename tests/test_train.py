@@ -143,12 +143,15 @@ def test_two_process_gloo_matches_one_process(folder, tmp_path):
     assert "2 process(es)" in done.stdout
     one = load_file(str(tmp_path / "one" / "adapter.safetensors"))
     two = load_file(str(tmp_path / "two" / "adapter.safetensors"))
-    # Gradient all-reduce sums in another order than one process does; Adam
-    # divides near-zero early gradients by their own size, which lifts that
-    # rounding to ~1e-5. A wrong batch split or a missing average would be
-    # off by a whole step (lr = 5e-3): the bound is 2% of one step.
-    for name, tensor in one.items():
-        assert (tensor - two[name]).abs().max() <= 1e-4, (name, (tensor - two[name]).abs().max())
+    # Gradient all-reduce sums in another order than one process does, and
+    # Adam divides each gradient by its own running size, so an element whose
+    # gradient is near zero can move by a good part of a step (lr = 5e-3) on
+    # rounding alone: how far depends on the CPU's summation order. A wrong
+    # batch split moves nearly every element by about a step, so the test
+    # bounds the typical element (mean) tightly and the worst one by a step.
+    diffs = torch.cat([(tensor - two[name]).abs().flatten() for name, tensor in one.items()])
+    assert diffs.max() <= 5e-3, diffs.max()
+    assert diffs.mean() <= 5e-6, diffs.mean()
 
 
 def _fails_cleanly(argv, out, capsys, message):
