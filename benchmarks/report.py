@@ -2,7 +2,7 @@
 
     python benchmarks/report.py benchmarks/results/cpu-2core.json [--md OUT.md] [--png OUT.png]
 
-Speed-ups are recomputed from the file (each row's mean over the reference
+Speed-ups are recomputed from the file (each row's median over the reference
 row of the same op, shape and mode), so the table does not depend on the
 order the benchmarks ran in.
 """
@@ -35,17 +35,20 @@ def load_rows(path: str) -> (List[Dict], Dict):
     for b in data.get("benchmarks", []):
         info = dict(b.get("extra_info", {}))
         info["mean_seconds"] = b["stats"]["mean"]
+        info["median_seconds"] = b["stats"]["median"]
         info["min_seconds"] = b["stats"]["min"]
         info["stddev_seconds"] = b["stats"]["stddev"]
         rows.append(info)
-    reference = {(r["op"], r["shape"], r["mode"]): r["mean_seconds"] for r in rows if r.get("provider") == "reference"}
+    # Medians, not means: on a shared machine a few preempted rounds move the
+    # mean of a sub-millisecond op by tens of percent.
+    reference = {(r["op"], r["shape"], r["mode"]): r["median_seconds"] for r in rows if r.get("provider") == "reference"}
     for r in rows:
         key = (r["op"], r["shape"], r["mode"])
-        r["speedup"] = reference[key] / r["mean_seconds"] if key in reference else None
+        r["speedup"] = reference[key] / r["median_seconds"] if key in reference else None
         if r.get("bytes_moved"):
-            r["gb_per_s"] = r["bytes_moved"] / r["mean_seconds"] / 1e9
+            r["gb_per_s"] = r["bytes_moved"] / r["median_seconds"] / 1e9
         if r.get("flops"):
-            r["tflops"] = r["flops"] / r["mean_seconds"] / 1e12
+            r["tflops"] = r["flops"] / r["median_seconds"] / 1e12
     return rows, data.get("machine_info", {})
 
 
@@ -55,7 +58,7 @@ def markdown(rows: List[Dict], machine: Dict, env: Dict) -> str:
     lines.append(f"Machine: {env.get('gpu', cpu)}; {env.get('cores', machine.get('cpu', {}).get('count', '?'))} cores; "
                  f"torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, python {machine.get('python_version', '?')}.")
     lines.append("")
-    lines.append("| op | shape | mode | provider | mean | min | speed-up vs reference | bytes moved | GB/s | TFLOP/s | launches | peak memory | adapter overhead |")
+    lines.append("| op | shape | mode | provider | median | min | speed-up vs reference | bytes moved | GB/s | TFLOP/s | launches | peak memory | adapter overhead |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     order = {"reference": 0, "compiled": 1, "fused": 2, "xformers": 3, "frozen_clip": 4}
     rows = sorted(rows, key=lambda r: (r["op"], r["shape"], r["mode"], order.get(r["provider"], 9)))
@@ -66,7 +69,7 @@ def markdown(rows: List[Dict], machine: Dict, env: Dict) -> str:
         if overhead is not None and spread:
             overhead_text += f" ({spread[0] * 100:+.1f}..{spread[1] * 100:+.1f})"
         lines.append(
-            f"| {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | {r['mean_seconds'] * 1e3:.2f} ms | "
+            f"| {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | {r['median_seconds'] * 1e3:.2f} ms | "
             f"{r['min_seconds'] * 1e3:.2f} ms | "
             f"{_fmt(r.get('speedup'), '.2f')}x | {_fmt_bytes(r.get('bytes_moved'))} | {_fmt(r.get('gb_per_s'), '.1f')} | "
             f"{_fmt(r.get('tflops'), '.3f')} | {_fmt(r.get('launches'), 'd')} | {_fmt_bytes(r.get('peak_memory_bytes'))} | "
