@@ -143,8 +143,9 @@ def peak_memory(run: Callable, provider: str) -> Optional[int]:
 
 
 def opaque(provider: str) -> bool:
-    """Rows whose traffic the audit cannot see: inductor's generated kernels, and the fused ops
-    on CPU without the interpreter, which run the reference maths inside one opaque custom op."""
+    """Rows left unaudited: inductor's generated kernels, which the audit cannot see, and the
+    fused rows on CPU without the interpreter, which run the CPU path (reference maths), not the
+    kernels whose traffic the table reports."""
     return provider == "compiled" or (provider == "fused" and DEVICE.type == "cpu" and not interpreting())
 
 

@@ -25,7 +25,6 @@ _cpu_fwd, _cpu_bwd = no_autocast(synergy_reference_fwd), no_autocast(synergy_ref
 # (ptxas -v, every z/ctx dtype pair); the backward of r = 64 (BR = 64) or of
 # M = 64 with r > 16 does not fit in 255 registers per thread.
 MAX_WIDTH = 32
-MAX_HEAD_WIDTH = MAX_WIDTH  # a head is at most the whole width
 MAX_QUERIES = 32
 
 # (BR, BM) -> (BC, BF, num_warps, num_stages): context block, FFN hidden chunk,
