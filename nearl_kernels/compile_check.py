@@ -220,7 +220,7 @@ def default_cases() -> List[Case]:
     largest (r = 64 with M = 16, and r = 16 with M = 64); fp16 at the smallest
     (r = 16, M = 5, 4 heads); at the default adapter in bf16 every tower width
     and length (with the odd width and the short sequence), a group of 4, and
-    paired mode with 2,000 classes, and in fp32 every tower width. The
+    paired mode with 2,000 classes, and in fp32 every tower width and the odd one. The
     USEformer in fp32 at r = M = 64, and in bf16 and autocast (fp32 z, bf16
     ctx) at the default, with every context length and F in bf16, and paired
     mode. Widths, lengths and F are runtime values in the kernels, so the
@@ -237,7 +237,7 @@ def default_cases() -> List[Case]:
     for d, L in _towers():
         cases += _oca_case(4, L, d, DEFAULT_R, DEFAULT_M, DEFAULT_HEADS, 1, bf16)
     cases += _oca_case(8, 77, 768, DEFAULT_R, DEFAULT_M, DEFAULT_HEADS, 4, bf16)
-    for d in IMAGE_WIDTHS + TEXT_WIDTHS:
+    for d in IMAGE_WIDTHS + TEXT_WIDTHS + ODD_WIDTHS:
         cases += _oca_case(4, 77, d, DEFAULT_R, DEFAULT_M, DEFAULT_HEADS, 1, fp32)
     for Lc, F in itertools.product(_contexts() + [7], FFN_HIDDEN):
         cases += _synergy_case(4, Lc, DEFAULT_R, DEFAULT_M, DEFAULT_HEADS, F, SYNERGY_DTYPES[1])

@@ -196,8 +196,11 @@ def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, 
 
     N = G * L
     BT, BD2, warps2 = _DWU_TILES[_precision(dot_dtype)]
-    # An (r, BLOCK_D) fp32 accumulator per program: narrower column blocks for wider r.
+    # An (r, BLOCK_D) fp32 accumulator per program: narrower column blocks for
+    # wider r, and for widths no multiple of 16 (no vector loads; measured).
     BD2 = BD2 * 32 // max(32, meta["BR"])
+    if d % 16:
+        BD2 //= 2
     n_col = triton.cdiv(d, BD2)
     splits = _dwu_splits(N, n_col, x.device)
     rows = triton.cdiv(N, splits)
