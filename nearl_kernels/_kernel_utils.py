@@ -1,14 +1,14 @@
 """@triton.jit helpers shared by the ops' kernels."""
 
-import os
-
 import triton
 import triton.language as tl
 
-# Read once, when triton is imported for the first time in this process, as
-# Triton itself does: the kernels branch on it at compile time, so it never
+from ._dispatch import interpreting
+
+# Read once, when this module is first imported (the environment Triton
+# itself reads at import): the kernels branch on it at compile time, so it never
 # travels through a kernel signature.
-INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"))
+INTERPRETING = tl.constexpr(interpreting())
 
 
 @triton.jit
