@@ -1,7 +1,8 @@
 """NEARL-CLIP over open_clip: ``from nearl_model import NearlCLIP, NearlConfig``."""
 
 from .backbones import TINY_CLIP_CONFIG, create_clip
-from .clip import NearlCLIP, adapter_config, load_trained, read_adapter
+from .adapter_io import adapter_config, load_trained, read_adapter
+from .clip import NearlCLIP
 from .config import NearlConfig
 from .prompts import class_prompts, tokenize_prompts
 

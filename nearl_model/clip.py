@@ -1,25 +1,19 @@
 """NearlCLIP: a frozen open_clip CLIP with NEARL-CLIP adapters composed around its blocks."""
 
-import json
 import math
-import os
 from typing import Optional, Tuple
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ._io import atomic_write
+from .adapter_io import check_fits, read_adapter, write_adapter
 from .backbones import create_clip
 from .config import NearlConfig
 from .modules import NearlAdapters
-from .prompts import tokenize_prompts
 
-ADAPTER_FORMAT = "nearl-adapter-v1"
 SUPPORTED_TOWERS = (
     "open_clip CLIP or CustomTextCLIP with a VisionTransformer image tower (no attentional pooler) "
     "and a causal TextTransformer text tower (ViT-B-32, ViT-B-16, ViT-L-14 and their kin)"
@@ -281,75 +275,10 @@ class NearlCLIP(nn.Module):
         ``run`` (JSON-able) records how to rebuild the model around it: the
         backbone, its weights, the classes and prompts (the CLIs fill it in).
         """
-        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        metadata = {
-            "format": ADAPTER_FORMAT, "nearl_config": self.config.to_json(),
-            "shape": json.dumps(self._shape_metadata(), sort_keys=True),
-        }
-        if run is not None:
-            metadata["nearl_run"] = json.dumps(run)
-        # save_file is looked up at call time so tests can make it fail mid-write.
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        write_adapter(path, self.adapter_state_dict(), self.config, self._shape_metadata(), run)
 
     def load_adapter(self, path: str) -> None:
-        """Load an adapter written by :meth:`save_adapter`; a mismatched shape is a ValueError."""
+        """Load an adapter written by :meth:`save_adapter`; a mismatched or non-finite one is a ValueError."""
         tensors, metadata = read_adapter(path)
-        saved = json.loads(metadata["shape"])
-        ours = self._shape_metadata()
-        diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
-        if diff:
-            listing = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in diff.items())
-            raise ValueError(f"adapter {path!r} does not fit this model ({listing})")
-        current = self.adapters.state_dict()
-        if set(tensors) != set(current):
-            missing, extra = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
-            raise ValueError(f"adapter {path!r} has the wrong tensors: missing {missing[:5]}, unexpected {extra[:5]}")
-        for k, v in tensors.items():
-            if v.shape != current[k].shape:
-                raise ValueError(f"adapter {path!r}: {k} has shape {tuple(v.shape)}, model expects {tuple(current[k].shape)}")
+        check_fits(path, tensors, metadata, self._shape_metadata(), self.adapters.state_dict())
         self.adapters.load_state_dict(tensors)
-
-
-def read_adapter(path: str):
-    """Read an adapter file: (tensors, metadata). Raises FileNotFoundError/ValueError with the reason."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"adapter file {path!r} does not exist")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"{path!r} is not a readable safetensors adapter file: {err}") from err
-    if metadata.get("format") != ADAPTER_FORMAT or "shape" not in metadata:
-        raise ValueError(f"{path!r} is a safetensors file but not a NEARL adapter (no '{ADAPTER_FORMAT}' metadata)")
-    return tensors, metadata
-
-
-def adapter_config(path: str) -> NearlConfig:
-    """The NearlConfig stored in an adapter file."""
-    _, metadata = read_adapter(path)
-    return NearlConfig.from_json(metadata["nearl_config"])
-
-
-def load_trained(path: str, pretrained: Optional[str] = None, fused: bool = False):
-    """Rebuild a trained model from an adapter written by ``nearl_model.train``.
-
-    The adapter records its backbone (name, weights, seed), classes and
-    prompts. A random-init backbone is rebuilt from the same seed; pass
-    ``pretrained`` if the weights file has moved.
-
-    Returns:
-        (model, run, texts): the NearlCLIP with the adapter loaded, the run
-        record, and its prompts as token ids.
-    """
-    _, metadata = read_adapter(path)
-    if "nearl_run" not in metadata:
-        raise ValueError(f"adapter {path!r} has no run record (backbone, classes); it was not written by "
-                         "nearl_model.train, so build the model yourself and call load_adapter")
-    run = json.loads(metadata["nearl_run"])
-    torch.manual_seed(run["seed"])
-    clip = create_clip(run["model"], pretrained or run["pretrained"])
-    model = NearlCLIP(clip, NearlConfig.from_json(metadata["nearl_config"]), fused=fused)
-    model.load_adapter(path)
-    texts = tokenize_prompts(run["prompts"], run["model"], model.text_tower.context_length)
-    return model.eval(), run, texts

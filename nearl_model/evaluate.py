@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import torch
 
-from .clip import load_trained
+from .adapter_io import load_trained
 from .data import DataError, load_dataset
 from .metrics import format_per_class, format_scores
 from .train import evaluate

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from .clip import load_trained
+from .adapter_io import load_trained
 from .data import DataError, preprocess, read_image
 
 

@@ -57,7 +57,7 @@ def test_failed_save_leaves_previous_file_intact(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("nearl_model.clip.save_file", boom)
+    monkeypatch.setattr("nearl_model.adapter_io.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         model.save_adapter(path)
     assert open(path, "rb").read() == before
