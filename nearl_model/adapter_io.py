@@ -44,6 +44,64 @@ def read_adapter(path: str):
     return tensors, metadata
 
 
+# The run record nearl_model.train writes: key -> accepted types (None where a value may be absent).
+RUN_SCHEMA = {
+    "model": (str,), "pretrained": (str, type(None)), "seed": (int,), "classes": (list,), "prompts": (list,),
+}
+SHAPE_KEYS = ("n_layers", "vision_width", "text_width")
+
+
+def validate_adapter(path: str, tensors: Dict[str, torch.Tensor], metadata: dict) -> NearlConfig:
+    """Check everything a file claims before a model is built around it; return its config.
+
+    The file's own config and shape record are laid out on the ``meta`` device
+    (no memory), so a config that would need gigabytes is refused by its tensor
+    shapes, not discovered by allocating them. Every tensor must be finite.
+
+    Raises:
+        ValueError: naming the file and the field, tensor or value that is wrong.
+    """
+    from .modules import NearlAdapters
+
+    try:
+        config = NearlConfig.from_json(metadata["nearl_config"])
+        shape = json.loads(metadata["shape"])
+        dims = [shape[k] for k in SHAPE_KEYS]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"adapter {path!r} has a malformed config or shape record ({type(err).__name__}: {err})") from err
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in dims):
+        raise ValueError(f"adapter {path!r}: shape record {dict(zip(SHAPE_KEYS, dims))} must hold positive ints")
+    with torch.device("meta"):
+        expected = NearlAdapters(config, *dims).state_dict()
+    check_tensors(path, tensors, expected)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"adapter {path!r} has NaN or inf values in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                         "it comes from a diverged run: retrain (e.g. a lower --lr) rather than use it")
+    return config
+
+
+def read_run(path: str, metadata: dict) -> dict:
+    """The run record of an adapter written by ``nearl_model.train``, its schema checked."""
+    if "nearl_run" not in metadata:
+        raise ValueError(f"adapter {path!r} has no run record (backbone, classes); it was not written by "
+                         "nearl_model.train, so build the model yourself and call load_adapter")
+    try:
+        run = json.loads(metadata["nearl_run"])
+    except ValueError as err:
+        raise ValueError(f"adapter {path!r} has a malformed run record: {err}") from err
+    if not isinstance(run, dict):
+        raise ValueError(f"adapter {path!r} has a malformed run record: expected a JSON object")
+    for key, types in RUN_SCHEMA.items():
+        if not isinstance(run.get(key), types):
+            raise ValueError(f"adapter {path!r} has a malformed run record: {key!r} is {run.get(key)!r}")
+    classes, prompts = run["classes"], run["prompts"]
+    if len(classes) < 2 or len(prompts) != len(classes) or not all(isinstance(x, str) for x in classes + prompts):
+        raise ValueError(f"adapter {path!r} has a malformed run record: needs >= 2 class names and one prompt "
+                         f"string per class; got {len(classes)} classes, {len(prompts)} prompts")
+    return run
+
+
 def check_fits(path: str, tensors: Dict[str, torch.Tensor], metadata: dict, shape: dict,
                current: Dict[str, torch.Tensor]) -> None:
     """Raise ValueError unless the file's shape record and tensors match the model's ``shape`` and ``current``."""
@@ -52,6 +110,11 @@ def check_fits(path: str, tensors: Dict[str, torch.Tensor], metadata: dict, shap
     if diff:
         listing = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in diff.items())
         raise ValueError(f"adapter {path!r} does not fit this model ({listing})")
+    check_tensors(path, tensors, current)
+
+
+def check_tensors(path: str, tensors: Dict[str, torch.Tensor], current: Dict[str, torch.Tensor]) -> None:
+    """Same tensor names and shapes as ``current``, or a ValueError naming the first difference."""
     if set(tensors) != set(current):
         missing, extra = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
         raise ValueError(f"adapter {path!r} has the wrong tensors: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -60,13 +123,26 @@ def check_fits(path: str, tensors: Dict[str, torch.Tensor], metadata: dict, shap
             raise ValueError(f"adapter {path!r}: {k} has shape {tuple(v.shape)}, model expects {tuple(current[k].shape)}")
 
 
+def load_into(model, path: str, tensors: Optional[dict] = None, metadata: Optional[dict] = None) -> None:
+    """Load the adapter file at ``path`` into ``model`` (a NearlCLIP), validated and fitted first.
+
+    ``tensors`` and ``metadata`` skip the read when the caller has already read
+    and validated the file.
+    """
+    if tensors is None:
+        tensors, metadata = read_adapter(path)
+        validate_adapter(path, tensors, metadata)
+    check_fits(path, tensors, metadata, model._shape_metadata(), model.adapters.state_dict())
+    model.adapters.load_state_dict(tensors)
+
+
 def adapter_config(path: str) -> NearlConfig:
     """The NearlConfig stored in an adapter file."""
     _, metadata = read_adapter(path)
     return NearlConfig.from_json(metadata["nearl_config"])
 
 
-def load_trained(path: str, pretrained: Optional[str] = None, fused: bool = False):
+def load_trained(path: str, pretrained: Optional[str] = None, fused: bool = True):
     """Rebuild a trained model from an adapter written by ``nearl_model.train``.
 
     The adapter records its backbone (name, weights, seed), classes and
@@ -81,14 +157,17 @@ def load_trained(path: str, pretrained: Optional[str] = None, fused: bool = Fals
     from .clip import NearlCLIP
     from .prompts import tokenize_prompts
 
-    _, metadata = read_adapter(path)
-    if "nearl_run" not in metadata:
-        raise ValueError(f"adapter {path!r} has no run record (backbone, classes); it was not written by "
-                         "nearl_model.train, so build the model yourself and call load_adapter")
-    run = json.loads(metadata["nearl_run"])
+    # Everything the file claims is checked before the backbone is built.
+    tensors, metadata = read_adapter(path)
+    config = validate_adapter(path, tensors, metadata)
+    run = read_run(path, metadata)
     torch.manual_seed(run["seed"])
-    clip = create_clip(run["model"], pretrained or run["pretrained"])
-    model = NearlCLIP(clip, NearlConfig.from_json(metadata["nearl_config"]), fused=fused)
-    model.load_adapter(path)
+    try:
+        clip = create_clip(run["model"], pretrained or run["pretrained"])
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}: the backbone weights the run used have moved; pass their new place "
+                                "with --pretrained (pretrained= in Python)") from err
+    model = NearlCLIP(clip, config, fused=fused)
+    load_into(model, path, tensors, metadata)
     texts = tokenize_prompts(run["prompts"], run["model"], model.text_tower.context_length)
     return model.eval(), run, texts

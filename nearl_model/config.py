@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 MODES = ("paired", "shared")
 CONSTRAINTS = ("project", "penalty")
+# Far above any adapter the method calls for (defaults 32, 2, 16, 14), far below
+# a size that would exhaust memory: a config file asking for more is refused
+# before anything is allocated.
+SIZE_LIMITS = {"r": 1024, "n_heads": 64, "n_queries": 1024, "ffn_ratio": 64}
 
 
 @dataclass
@@ -36,18 +40,25 @@ class NearlConfig:
     eps: float = 1e-6
 
     def __post_init__(self):
-        for name in ("r", "n_heads", "n_queries", "ffn_ratio"):
+        for name, most in SIZE_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"NearlConfig.{name} must be a positive int; got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+                raise ValueError(f"NearlConfig.{name} must be an int in 1..{most}; got {value!r}")
         if self.r % self.n_heads:
             raise ValueError(f"NearlConfig.r={self.r} must be a multiple of n_heads={self.n_heads}")
         if self.mode not in MODES:
             raise ValueError(f"NearlConfig.mode must be one of {MODES}; got {self.mode!r}")
         if self.oca_constraint not in CONSTRAINTS:
             raise ValueError(f"NearlConfig.oca_constraint must be one of {CONSTRAINTS}; got {self.oca_constraint!r}")
-        if not self.eps > 0:
-            raise ValueError(f"NearlConfig.eps must be > 0; got {self.eps!r}")
+        for name in ("penalty_weight", "eps"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise ValueError(f"NearlConfig.{name} must be a number; got {getattr(self, name)!r}")
+        if not isinstance(self.train_incremental, bool):
+            raise ValueError(f"NearlConfig.train_incremental must be true or false; got {self.train_incremental!r}")
+        if not 0 <= self.penalty_weight < float("inf"):
+            raise ValueError(f"NearlConfig.penalty_weight must be a finite number >= 0; got {self.penalty_weight!r}")
+        if not 0 < self.eps < float("inf"):
+            raise ValueError(f"NearlConfig.eps must be a finite number > 0; got {self.eps!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,6 +68,8 @@ class NearlConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "NearlConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a NearlConfig is a JSON object of fields; got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -1,4 +1,13 @@
-"""Score a trained adapter on a data split: ``python -m nearl_model.evaluate --adapter A --data D``."""
+"""Score a trained adapter on a data split: ``python -m nearl_model.evaluate --adapter A [--data D]``.
+
+By default it rebuilds exactly the training run's data and split (its data,
+seed and classes come from the adapter's run record), so ``--split test``
+never scores images the run trained on.
+"""
+
+if __name__ == "__main__":
+    # torch, open_clip and triton take seconds to import; say something first.
+    print("nearl: starting (importing torch, open_clip, triton)", flush=True)
 
 import argparse
 import json
@@ -6,37 +15,54 @@ import os
 import sys
 from typing import List, Optional
 
-import torch
-
-from .adapter_io import load_trained
+from ._cli import CLIError, add_inference_args, load_run
+from ._io import atomic_write_text
 from .data import DataError, load_dataset
 from .metrics import format_per_class, format_scores
 from .train import evaluate
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nearl_model.evaluate", description=__doc__)
-    p.add_argument("--adapter", required=True, help="adapter.safetensors written by nearl_model.train")
-    p.add_argument("--data", help="same forms as nearl_model.train --data; omit for the synthetic demo")
-    p.add_argument("--split", choices=("train", "val", "test"), default="test")
-    p.add_argument("--seed", type=int, default=0, help="split seed for data without its own splits")
-    p.add_argument("--pretrained", help="backbone weights, if not where the training run found them")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
+    p = argparse.ArgumentParser(prog="python -m nearl_model.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_inference_args(p)
+    p.add_argument("--data", help="same forms as nearl_model.train --data (default: the training run's data)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test", help="which split to score")
+    p.add_argument("--seed", type=int, default=None,
+                   help="split seed for data without its own splits (default: the training run's)")
     p.add_argument("--out", help="write the metrics here as JSON")
     args = p.parse_args(argv)
     try:
-        model, run, texts = load_trained(args.adapter, args.pretrained, fused=args.fused)
-        data = load_dataset(args.data, model.image_size[0], classes=run["classes"], seed=args.seed)
-    except (DataError, ValueError, FileNotFoundError, RuntimeError) as err:
+        return _evaluate(args)
+    except (CLIError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    metrics = evaluate(model, data.splits[args.split], texts, run["classes"], torch.device("cpu"), "fp32")
-    print(f"{args.split}: {format_scores(metrics)}  ({len(data.splits[args.split])} images)")
+
+
+def _evaluate(args) -> int:
+    model, run, texts, device, precision = load_run(args)
+    if args.data is None and "data" not in run:
+        raise CLIError(f"adapter {args.adapter!r} does not record its training data; pass --data and --seed")
+    data_path = args.data if args.data is not None else run["data"]
+    seed = args.seed if args.seed is not None else run["seed"]
+    data = load_dataset(data_path, model.image_size[0], classes=run["classes"], seed=seed)
+    if data.classes != run["classes"]:
+        raise CLIError(f"the data has classes {data.classes} but the adapter was trained on {run['classes']}")
+    same_data = args.data is None and args.seed is None
+    if same_data and run.get("data_fingerprint") not in (None, data.fingerprint()):
+        raise CLIError(f"the training data {data_path or '(synthetic demo)'} changed since the run (files added, "
+                       "removed or edited), so its split is not the run's; pass --data and --seed explicitly to "
+                       "score the data as it is now")
+    split = data.splits[args.split]
+    metrics = evaluate(model, split, texts, run["classes"], device, precision, f"scoring {args.split}")
+    print(f"{args.split}: {format_scores(metrics)}  ({len(split)} images, {device}, {precision})")
     print(format_per_class(metrics))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(metrics, f, indent=2)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            atomic_write_text(args.out, json.dumps(metrics, indent=2) + "\n")
+        except OSError as err:
+            raise CLIError(f"cannot write --out {args.out!r}: {err}") from err
     return 0
 
 

@@ -1,31 +1,37 @@
 """Class probabilities for image files: ``python -m nearl_model.predict --adapter A.safetensors IMG...``."""
 
+if __name__ == "__main__":
+    # torch, open_clip and triton take seconds to import; say something first.
+    print("nearl: starting (importing torch, open_clip, triton)", flush=True)
+
 import argparse
 import sys
 from typing import List, Optional
 
-import torch
-
-from .adapter_io import load_trained
-from .data import DataError, preprocess, read_image
+from ._cli import CLIError, add_inference_args, load_run
+from .data import DataError, LabeledImages, read_image
+from .train import predict_probs
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nearl_model.predict", description=__doc__)
-    p.add_argument("--adapter", required=True, help="adapter.safetensors written by nearl_model.train")
-    p.add_argument("--pretrained", help="backbone weights, if not where the training run found them")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
+    p = argparse.ArgumentParser(prog="python -m nearl_model.predict", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_inference_args(p)
     p.add_argument("images", nargs="+", help="image or DICOM files")
     args = p.parse_args(argv)
     try:
-        model, run, texts = load_trained(args.adapter, args.pretrained, fused=args.fused)
-        size = model.image_size[0]
-        batch = torch.stack([preprocess(read_image(path), size) for path in args.images])
-    except (DataError, ValueError, FileNotFoundError, RuntimeError) as err:
+        return _predict(args)
+    except (CLIError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    with torch.no_grad():
-        probs = torch.softmax(model(batch, texts).float(), dim=-1)
+
+
+def _predict(args) -> int:
+    model, run, texts, device, precision = load_run(args)
+    for path in args.images:
+        read_image(path)  # every file decoded and checked before any is scored
+    images = LabeledImages(list(args.images), [0] * len(args.images), model.image_size[0])
+    probs = predict_probs(model, images, texts, device, precision)
     classes = run["classes"]
     width = max(len(c) for c in classes)
     for path, row in zip(args.images, probs):

@@ -6,96 +6,107 @@ cores and shows learning. With ``--data`` it takes an ImageFolder tree, a CSV,
 a MedMNIST .npz or a DICOM folder. ``torchrun --nproc_per_node N -m
 nearl_model.train ...`` trains with DistributedDataParallel.
 
-Exit codes: 0 done, 2 bad input (data, model, paths), with the reason on stderr.
+Exit codes: 0 done, 2 bad input (data, model, paths, settings) or a diverged run,
+with the reason on stderr in one line.
 """
+
+if __name__ == "__main__":
+    # torch, open_clip and triton take seconds to import; say something first.
+    print("nearl: starting (importing torch, open_clip, triton)", flush=True)
 
 import argparse
 import json
 import math
 import os
 import sys
-import tempfile
+import hashlib
 import time
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
+from ._cli import CLIError, pick_device
 from ._io import atomic_write, atomic_write_text
+from ._progress import Progress
 from .backbones import create_clip
 from .clip import NearlCLIP
 from .config import NearlConfig
-from .data import DataError, LabeledImages, few_shot, load_dataset
+from .data import DataError, DataSplits, LabeledImages, few_shot, load_dataset
 from .metrics import classification_metrics, format_per_class, format_scores, plot_confusion, plot_curves
 from .prompts import class_prompts, tokenize_prompts
+from .run_dir import RunDir, RunDirError
 
 DEMO_TEMPLATE = "a chest X-ray showing {}."
 
 
-class CLIError(Exception):
-    """A user-facing failure: printed as ``error: ...`` with exit code 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nearl_model.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nearl_model.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", help="ImageFolder dir, CSV (path,label[,split]), MedMNIST .npz or DICOM dir; "
                                   "omit for the synthetic demo")
     d.add_argument("--classes", help="class names: JSON list, JSON {label: name} or CSV label,name")
-    d.add_argument("--prompt", default=None, help="prompt template with one {}, e.g. 'a chest X-ray showing {}.'")
+    d.add_argument("--prompt", default=None, help="prompt template with one {}; default 'a chest X-ray showing {}.' "
+                                                  "for the demo, 'a medical image showing {}.' otherwise")
     d.add_argument("--descriptions", help="JSON {class: description} used in the prompt instead of the name")
-    d.add_argument("--shots", type=int, default=None, help="few-shot: K training images per class")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--shots", type=int, default=None, help="few-shot: K training images per class (default: all)")
+    d.add_argument("--seed", type=int, default=0, help="seed for splits, shuffling, few-shot sampling and init")
     m = p.add_argument_group("model")
     m.add_argument("--model", default="nearl-tiny", help="open_clip name, hf-hub:org/repo, JSON config or nearl-tiny")
-    m.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint file")
-    m.add_argument("--mode", choices=("paired", "shared"), default="paired")
-    m.add_argument("--config", help="JSON NearlConfig (adapter width, heads, queries...); --mode overrides its mode")
+    m.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint file (default: random init)")
+    m.add_argument("--mode", choices=("paired", "shared"), default=None,
+                   help="adapter mode; default: --config's mode, else paired")
+    m.add_argument("--config", help="JSON NearlConfig (adapter width, heads, queries, mode...)")
     m.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="route the adapters through the nearl_kernels ops (Triton on CUDA)")
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--epochs", type=int, default=20, help="passes over the training set")
     t.add_argument("--batch-size", type=int, default=32, help="global batch (split across processes)")
     t.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices")
     t.add_argument("--warmup", type=float, default=0.1, help="warm-up as a fraction of all steps")
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
+    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
     t.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many batches (smoke runs)")
     t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="runs/nearl", help="output directory")
-    o.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    o.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
+    o.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     return p
+
+
+def check_args(args) -> None:
+    """Range-check every number before anything is built: one line naming the flag and the value."""
+    for flag, minimum in (("epochs", 1), ("batch_size", 1), ("accum", 1), ("workers", 0)):
+        if getattr(args, flag) < minimum:
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= {minimum}; got {getattr(args, flag)}")
+    for flag in ("shots", "max_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= 1 (omit it for all); got {getattr(args, flag)}")
+    checks = (("lr", lambda v: v > 0, "> 0"), ("grad_clip", lambda v: v > 0, "> 0"),
+              ("weight_decay", lambda v: v >= 0, ">= 0"), ("warmup", lambda v: 0 <= v < 1, "in [0, 1)"))
+    for flag, ok, rule in checks:
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and ok(value)):
+            raise CLIError(f"--{flag.replace('_', '-')} must be a finite number {rule}; got {value}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (CLIError, DataError) as err:
+    except (CLIError, DataError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise CLIError(f"bad --device {name!r}: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name} asked for CUDA but none is available")
-    return device
 
 
 def _distributed(device: torch.device):
@@ -109,25 +120,22 @@ def _distributed(device: torch.device):
     return dist.get_rank(), world, device
 
 
-def _check_out_dir(out: str) -> None:
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise CLIError(f"cannot write to output directory {out!r}: {err}") from err
-
-
-def build_model(args) -> NearlCLIP:
-    """The backbone and fresh adapters; seeded, so a random-init backbone is reproducible."""
+def resolve_config(args) -> NearlConfig:
+    """--config's NearlConfig (defaults without one), with --mode overriding its mode only when given."""
     config = NearlConfig()
     if args.config:
         try:
-            with open(args.config) as f:
+            with open(args.config, encoding="utf-8") as f:
                 config = NearlConfig.from_json(f.read())
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, TypeError) as err:
             raise CLIError(f"cannot read --config {args.config!r}: {err}") from err
-    config.mode = args.mode
+    if args.mode is not None:
+        config = NearlConfig.from_dict({**config.to_dict(), "mode": args.mode})
+    return config
+
+
+def build_model(args, config: NearlConfig) -> NearlCLIP:
+    """The backbone and fresh adapters; seeded, so a random-init backbone is reproducible."""
     torch.manual_seed(args.seed)
     try:
         clip = create_clip(args.model, args.pretrained)
@@ -140,16 +148,23 @@ def build_model(args) -> NearlCLIP:
 
 
 def make_prompts(args, classes: List[str]) -> List[str]:
-    descriptions = None
+    """One prompt per class; folder-style names read as words ("normal_lungs" -> "normal lungs")."""
+    descriptions = {}
     if args.descriptions:
         try:
-            with open(args.descriptions) as f:
+            with open(args.descriptions, encoding="utf-8-sig") as f:
                 descriptions = json.load(f)
         except (OSError, ValueError) as err:
             raise CLIError(f"cannot read --descriptions {args.descriptions!r}: {err}") from err
+        if not isinstance(descriptions, dict) or not all(isinstance(v, str) for v in descriptions.values()):
+            raise CLIError(f"--descriptions {args.descriptions!r} must be a JSON object {{class: description}}")
     template = args.prompt or (DEMO_TEMPLATE if args.data is None else "a medical image showing {}.")
+    words = [descriptions.get(c, c.replace("_", " ")) for c in classes]
+    unknown = sorted(set(descriptions) - set(classes))
+    if unknown:
+        raise CLIError(f"--descriptions names classes that do not exist: {unknown}; classes are {classes}")
     try:
-        return class_prompts(classes, template, descriptions)
+        return class_prompts(words, template)
     except ValueError as err:
         raise CLIError(str(err)) from err
 
@@ -184,40 +199,110 @@ def _autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def predict_probs(model: NearlCLIP, dataset: LabeledImages, texts: torch.Tensor, device, precision: str,
-                  batch_size: int = 64) -> np.ndarray:
+                  batch_size: int = 64, desc: str = "predicting") -> np.ndarray:
+    """Class probabilities (N, K) for ``dataset``; a non-finite one is a CLIError, never a silent label."""
     model.eval()
     probs = []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    progress = Progress(len(dataset), desc)
     for images, _ in loader:
         with _autocast(device, precision):
             logits = model(images.to(device), texts)
         probs.append(torch.softmax(logits.float(), dim=-1).cpu())
-    return torch.cat(probs).numpy()
+        progress.update(len(images))
+    progress.close()
+    probs = torch.cat(probs).numpy()
+    if not np.isfinite(probs).all():
+        rows = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+        raise CLIError(f"the model gave non-finite probabilities for {len(rows)} of {len(probs)} images "
+                       f"(first: item {rows[0]}); the adapter or the images hold NaN/inf values")
+    return probs
 
 
-def evaluate(model, dataset, texts, classes, device, precision) -> Dict:
-    probs = predict_probs(model, dataset, texts, device, precision)
+def evaluate(model, dataset, texts, classes, device, precision, desc: str = "evaluating") -> Dict:
+    probs = predict_probs(model, dataset, texts, device, precision, desc=desc)
     return classification_metrics(dataset.labels, probs, classes)
 
 
-def _checkpoint_key(args) -> Dict:
-    """What a resumed run must share with the run that wrote the checkpoint."""
-    keys = ("data", "classes", "prompt", "shots", "seed", "model", "pretrained", "mode", "config",
-            "epochs", "batch_size", "accum", "lr", "weight_decay", "warmup", "max_steps")
-    return {k: getattr(args, k) for k in keys}
+def _file_identity(path: Optional[str]) -> Optional[str]:
+    """A tag as it is; a file by its size and a digest of its first and last MiB (cheap, content-based)."""
+    if not path or not os.path.isfile(path):
+        return path
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read())
+    return f"file of {size} bytes, sha256 of its ends {h.hexdigest()[:16]}"
+
+
+def run_key(args, config: NearlConfig, data: DataSplits, prompts: List[str]) -> Dict:
+    """What a resumed run must share with the run that wrote the checkpoint: contents, not paths."""
+    settings = ("model", "shots", "seed", "epochs", "batch_size", "accum", "lr", "weight_decay", "warmup",
+                "grad_clip", "precision", "max_steps")
+    return {
+        "config": config.to_dict(), "classes": data.classes, "prompts": prompts, "data": data.fingerprint(),
+        "pretrained": _file_identity(args.pretrained), **{k: getattr(args, k) for k in settings},
+    }
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def load_checkpoint(path: str, key: Dict) -> Dict:
+    """The checkpoint a ``--resume`` continues from, refused unless its run key equals ``key``."""
+    if not os.path.isfile(path):
+        raise CLIError(f"--resume: no checkpoint at {path!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["key"]
+        for name in ("adapter", "optimizer", "scheduler", "scaler", "rng", "history", "epoch"):
+            state[name]
+    except Exception as err:  # torch.load raises many types for a damaged file
+        raise CLIError(f"--resume: checkpoint {path!r} is unreadable ({type(err).__name__}: {err}); "
+                       "start the run again with --overwrite") from err
+    if saved != key:
+        diff = "; ".join(f"{k}: checkpoint {_short(saved.get(k))} vs now {_short(v)}"
+                         for k, v in key.items() if saved.get(k) != v)
+        raise CLIError(f"--resume: this run differs from the checkpoint's in {diff}; resume with the same "
+                       "settings and data, or start again with --overwrite")
+    return state
+
+
+def _check_finite(what: str, value: float, world: int, device, epoch: int, batch: int, run_dir: str) -> None:
+    """Stop the run (every process of it) when ``value`` is NaN or inf; the last good checkpoint stays."""
+    bad = not math.isfinite(value)
+    if world > 1:
+        flag = torch.tensor(float(bad), device=device)
+        dist.all_reduce(flag)
+        bad = flag.item() > 0
+    if bad:
+        raise CLIError(f"training diverged: the {what} is {value} at epoch {epoch}, batch {batch}; nothing of this "
+                       f"epoch was saved and the last good checkpoint in {run_dir!r} is kept. Try a lower --lr, "
+                       "--precision fp32, or check the data")
 
 
 def run(args) -> int:
-    start = time.time()
-    if args.epochs < 1 or args.batch_size < 1 or args.accum < 1:
-        raise CLIError("--epochs, --batch-size and --accum must be >= 1")
-    device = _device(args.device)
+    check_args(args)
+    device = pick_device(args.device)
     rank, world, device = _distributed(device)
     main_process = rank == 0
-    if main_process:
-        _check_out_dir(args.out)
+    out = RunDir(args.out, args.resume, args.overwrite) if main_process else None
+    try:
+        return _train(args, device, rank, world, out)
+    finally:
+        if out is not None:
+            out.close()
 
-    model = build_model(args)
+
+def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
+    start = time.time()
+    main_process = out is not None
+    config = resolve_config(args)
+    model = build_model(args, config)
     data = load_dataset(args.data, model.image_size[0], args.classes, seed=args.seed)
     train_set = data.splits["train"]
     if args.shots:
@@ -248,16 +333,12 @@ def run(args) -> int:
     )
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
+    key = run_key(args, model.config, data, prompts)
     history: List[Dict] = []
     first_epoch = 0
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise CLIError(f"--resume: no checkpoint at {ckpt_path!r}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state["key"] != _checkpoint_key(args):
-            diff = {k: (state["key"].get(k), v) for k, v in _checkpoint_key(args).items() if state["key"].get(k) != v}
-            raise CLIError(f"--resume: this run's settings differ from the checkpoint's: {diff}")
+        state = load_checkpoint(ckpt_path, key)
         model.adapters.load_state_dict(state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -281,6 +362,14 @@ def run(args) -> int:
         print(f"nearl: backbone {args.model} ({args.pretrained or 'random init'}), mode {model.config.mode}, "
               f"{n_params:,} trainable parameters, adapters via {where}, {device}, {args.precision}, "
               f"{world} process(es)")
+        if args.batch_size > n_train:
+            print(f"nearl: note: --batch-size {args.batch_size} is more than the {n_train} training images; "
+                  f"batches hold {batch}")
+        if n_train % batch:
+            print(f"nearl: note: each epoch leaves out {n_train % batch} image(s) (batches are whole; the shuffled "
+                  "order changes every epoch, so every image is used)")
+        if args.compile:
+            print("nearl: torch.compile: the first batches compile the model (tens of seconds on a CPU)", flush=True)
         if first_epoch:
             print(f"nearl: resumed after epoch {first_epoch} from {ckpt_path}")
 
@@ -291,24 +380,29 @@ def run(args) -> int:
         local = [b[rank::world] for b in batches]
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=local, num_workers=args.workers)
         losses, seen = [], 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if main_process else True,
-                   leave=False, dynamic_ncols=True)
+        progress = Progress(len(local), f"epoch {epoch + 1}/{args.epochs}", enabled=main_process)
         optimizer.zero_grad(set_to_none=True)
-        for i, (images, labels) in enumerate(bar):
+        for i, (images, labels) in enumerate(loader):
             images, labels = images.to(device), labels.to(device)
             with _autocast(device, args.precision):
                 loss, _ = net(images, texts, labels)
+            value = loss.item()
+            _check_finite("training loss", value, world, device, epoch + 1, i + 1, args.out)
             scaler.scale(loss / args.accum).backward()
             if (i + 1) % args.accum == 0 or i + 1 == len(local):
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+                if not scaler.is_enabled():
+                    # fp16's scaler skips steps with inf gradients by design; elsewhere one is divergence.
+                    _check_finite("gradient norm", float(norm), world, device, epoch + 1, i + 1, args.out)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(value)
             seen += len(images) * world
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", img_s=f"{seen / (time.time() - t0):.1f}")
+            progress.update(loss=f"{np.mean(losses[-10:]):.3f}", img_s=f"{seen / (time.time() - t0):.1f}")
+        progress.close()
         train_loss = float(np.mean(losses))
         if world > 1:
             t = torch.tensor(train_loss, device=device)
@@ -317,7 +411,12 @@ def run(args) -> int:
         train_seconds = time.time() - t0
 
         if main_process:
-            val = evaluate(model, data.splits["val"], texts, classes, device, args.precision)
+            bad = [k for k, v in model.adapter_state_dict().items() if not torch.isfinite(v).all()]
+            if bad:
+                raise CLIError(f"training diverged: adapter tensors {bad[:3]} hold NaN/inf after epoch {epoch + 1}; "
+                               f"nothing of this epoch was saved and the last good checkpoint in {args.out!r} is "
+                               "kept. Try a lower --lr or --precision fp32")
+            val = evaluate(model, data.splits["val"], texts, classes, device, args.precision, "validating")
             record = {
                 "epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
                 "images_per_second": seen / train_seconds, "seconds": train_seconds,
@@ -326,7 +425,10 @@ def run(args) -> int:
             history.append(record)
             print(f"epoch {epoch + 1:>3}/{args.epochs}  loss {train_loss:.4f}  val {format_scores(val)}  "
                   f"{seen / train_seconds:.1f} img/s  {train_seconds:.1f}s", flush=True)
-            save_checkpoint(args, model, optimizer, scheduler, scaler, history, epoch + 1, classes, prompts)
+            state = {"key": key, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": history,
+                     "epoch": epoch + 1}
+            save_checkpoint(args.out, model, state, run_record(args, data, prompts))
         if world > 1:
             dist.barrier()
 
@@ -335,25 +437,39 @@ def run(args) -> int:
     return 0
 
 
-def _run_metadata(args, classes, prompts) -> Dict:
-    return {"model": args.model, "pretrained": args.pretrained, "seed": args.seed, "classes": classes,
-            "prompts": prompts}
+def run_record(args, data: DataSplits, prompts: List[str]) -> Dict:
+    """What evaluate and predict need to rebuild this run: backbone, data and its split, classes, prompts."""
+    return {"model": args.model, "pretrained": args.pretrained, "seed": args.seed, "classes": data.classes,
+            "prompts": prompts, "data": os.path.abspath(args.data) if args.data else None,
+            "data_fingerprint": data.fingerprint(), "shots": args.shots, "precision": args.precision}
 
 
-def save_checkpoint(args, model, optimizer, scheduler, scaler, history, epoch, classes, prompts) -> None:
+def _writing(out: str):
+    """Turn a failed write (disk full, permissions) into a CLIError that says what was kept."""
+    class _Guard:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, err, tb):
+            if isinstance(err, OSError):
+                raise CLIError(f"cannot write to {out!r}: {err}; files written before this point are kept "
+                               "intact (each is replaced atomically)") from err
+            return False
+
+    return _Guard()
+
+
+def save_checkpoint(out: str, model: NearlCLIP, state: Dict, run: Dict) -> None:
     """checkpoint.pt (all a resume needs) and adapter.safetensors, each written atomically."""
-    state = {
-        "key": _checkpoint_key(args), "adapter": model.adapter_state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
-        "history": history, "epoch": epoch,
-    }
-    atomic_write(os.path.join(args.out, "checkpoint.pt"), lambda tmp: torch.save(state, tmp))
-    model.save_adapter(os.path.join(args.out, "adapter.safetensors"), run=_run_metadata(args, classes, prompts))
-    atomic_write_text(os.path.join(args.out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+    state = {**state, "adapter": model.adapter_state_dict()}
+    with _writing(out):
+        atomic_write(os.path.join(out, "checkpoint.pt"), lambda tmp: torch.save(state, tmp))
+        model.save_adapter(os.path.join(out, "adapter.safetensors"), run=run)
+        atomic_write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in state["history"]))
 
 
 def finish(args, model, data, texts, classes, device, history, n_params, seconds) -> None:
-    test = evaluate(model, data.splits["test"], texts, classes, device, args.precision)
+    test = evaluate(model, data.splits["test"], texts, classes, device, args.precision, "testing")
     summary = {
         "accuracy": test["accuracy"], "balanced_accuracy": test["balanced_accuracy"], "macro_f1": test["macro_f1"],
         "auroc": test["auroc"], "num_trainable_parameters": n_params, "seconds": seconds,
@@ -361,10 +477,12 @@ def finish(args, model, data, texts, classes, device, history, n_params, seconds
         "data": data.description, "model": args.model, "pretrained": args.pretrained, "mode": model.config.mode,
         "fused": args.fused, "device": str(device), "precision": args.precision, "epochs": args.epochs,
     }
-    atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    if history:
-        plot_curves(history, os.path.join(args.out, "curves.png"))
-    plot_confusion(test["confusion_matrix"], classes, os.path.join(args.out, "confusion.png"))
+    with _writing(args.out):
+        if history:
+            plot_curves(history, os.path.join(args.out, "curves.png"))
+        plot_confusion(test["confusion_matrix"], classes, os.path.join(args.out, "confusion.png"))
+        # The summary last: its presence marks a finished run.
+        atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     print(f"test: {format_scores(test)}")
     print(format_per_class(test))
     print(f"wrote {args.out}/: adapter.safetensors, checkpoint.pt, metrics.jsonl, summary.json, curves.png, "

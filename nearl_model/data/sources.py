@@ -1,0 +1,253 @@
+"""Where labelled images come from: the demo, an ImageFolder or DICOM tree, a CSV, a MedMNIST ``.npz``.
+
+Every source is checked whole before training starts: the layout (classes,
+labels, counts), then every file decoded once, so bad data stops a run before
+any checkpoint is written, never at test time.
+"""
+
+import csv
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .._progress import track
+from .demo import DEMO_CLASSES, synthetic_xrays
+from .images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, DataError, is_image_file, read_image
+from .splits import SPLITS, DataSplits, LabeledImages, check_layout, fill_missing_splits
+
+# MedMNIST .npz files carry no label names; the known ones are filled in.
+MEDMNIST_LABELS = {"pneumoniamnist": ["normal", "pneumonia"]}
+DEMO_SIZES = {"train": 600, "val": 150, "test": 300}
+
+
+def load_dataset(
+    data: Optional[str], image_size: int, classes: Union[str, Sequence[str], None] = None, seed: int = 0,
+    val_fraction: float = 0.15, test_fraction: float = 0.15,
+) -> DataSplits:
+    """Load ``data`` (None = the synthetic demo) into checked train/val/test splits.
+
+    Args:
+        data: None, a directory (ImageFolder tree, with or without train/val/test
+            subfolders, or a DICOM tree), a ``.csv`` (path,label[,split]) or a ``.npz``.
+        image_size: the backbone's input size.
+        classes: the class names in label order, or a JSON list, JSON
+            {label: name} or CSV (label,name) file of them. Named labels
+            (folders, CSV) are put in this order; one not in it is an error.
+        seed: the split seed for sources without their own splits.
+
+    Raises:
+        DataError: naming the file, line or value that is wrong.
+    """
+    if data is None:
+        names = _read_class_names(classes) if isinstance(classes, str) else classes
+        if names is not None and list(names) != DEMO_CLASSES:
+            raise DataError(f"the synthetic demo has classes {DEMO_CLASSES}, not {list(names)}; pass the --data "
+                            "these classes come from")
+        splits = {}
+        for i, (name, n) in enumerate(DEMO_SIZES.items()):
+            images, labels = synthetic_xrays(n, seed=1000 * (i + 1))
+            splits[name] = LabeledImages(images, labels, image_size)
+        return DataSplits(list(DEMO_CLASSES), splits,
+                          f"SYNTHETIC DEMO: {sum(DEMO_SIZES.values())} generated X-ray-like images, no real patients")
+    if not os.path.exists(data):
+        raise DataError(f"data path {data!r} does not exist")
+    if data.lower().endswith(".npz"):
+        out = _load_npz(data, image_size)
+    elif data.lower().endswith(".csv"):
+        out = _load_csv(data, image_size)
+    elif os.path.isdir(data):
+        out = _load_folder(data, image_size)
+    else:
+        raise DataError(f"data {data!r} must be a directory, a .csv or a .npz file")
+    if classes:
+        names = _read_class_names(classes) if isinstance(classes, str) else [str(c) for c in classes]
+        if data.lower().endswith(".npz"):
+            if len(names) < len(out.classes):
+                raise DataError(f"{classes!r} names {len(names)} classes but the labels in {data!r} go up to "
+                                f"{len(out.classes) - 1}")
+            out.classes = names
+        else:
+            _remap(out, names, classes if isinstance(classes, str) else "the class list")
+    fill_missing_splits(out, seed, val_fraction, test_fraction)
+    check_layout(out, repr(data))
+    _decode_all(out)
+    return out
+
+
+def _decode_all(data: DataSplits) -> None:
+    """Decode every file once, in parallel, so a truncated or non-finite image fails now."""
+    items = [item for split in data.splits.values() for item in split.items]
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in track(pool.map(read_image, items), "checking images", total=len(items)):
+            pass
+
+
+def _read_class_names(path: str) -> List[str]:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            if path.lower().endswith(".json"):
+                raw = json.load(f)
+                names = raw if isinstance(raw, list) else [raw[str(i)] for i in range(len(raw))]
+            else:
+                rows = [r for r in csv.reader(f) if r]
+                names = [name for _, name in sorted((int(r[0]), r[1]) for r in rows)]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise DataError(f"cannot read class names from {path!r}: {err}") from err
+    if not names:
+        raise DataError(f"{path!r} names no classes")
+    names = [str(x) for x in names]
+    if len(set(names)) != len(names):
+        raise DataError(f"{path!r} names a class twice: {names}")
+    return names
+
+
+def _remap(data: DataSplits, names: List[str], source: str) -> None:
+    """Put named labels (folders, CSV) in the order of a class-names file; unknown names are errors."""
+    unknown = sorted(set(data.classes) - set(names))
+    if unknown:
+        raise DataError(f"classes {unknown} in the data are not in {source!r}, which lists {names}")
+    new_index = [names.index(c) for c in data.classes]
+    for split in data.splits.values():
+        split.labels = [new_index[y] for y in split.labels]
+    data.classes = list(names)
+
+
+def _npz_labels(path: str, name: str, labels: np.ndarray, n_images: int) -> List[int]:
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise DataError(f"{path!r}: {name}_labels is {labels.shape}, one column per finding (multi-label, as in "
+                        "ChestMNIST); nearl trains single-label classification, so give one label per image")
+    if labels.ndim > 2 or (labels.ndim == 2 and labels.shape[1] != 1):
+        raise DataError(f"{path!r}: {name}_labels must be (N,) or (N, 1); got {labels.shape}")
+    labels = labels.reshape(-1)
+    if labels.dtype.kind not in "iub" and not (labels.dtype.kind == "f" and np.all(labels == np.round(labels))):
+        raise DataError(f"{path!r}: {name}_labels must be whole numbers; got dtype {labels.dtype}")
+    if len(labels) != n_images:
+        raise DataError(f"{path!r}: {name}_images has {n_images} images but {name}_labels has {len(labels)} labels")
+    if len(labels) and labels.min() < 0:
+        raise DataError(f"{path!r}: {name}_labels has negative label {int(labels.min())}")
+    return labels.astype(np.int64).tolist()
+
+
+def _load_npz(path: str, image_size: int) -> DataSplits:
+    try:
+        arrays = np.load(path, allow_pickle=False)
+        keys = set(arrays.files)
+        splits = {}
+        for name in SPLITS:
+            has_images, has_labels = f"{name}_images" in keys, f"{name}_labels" in keys
+            if has_images != has_labels:
+                raise DataError(f"{path!r} has {name}_{'images' if has_images else 'labels'} but no "
+                                f"{name}_{'labels' if has_images else 'images'}")
+            if has_images:
+                images = arrays[f"{name}_images"]
+                if images.ndim not in (3, 4):
+                    raise DataError(f"{path!r}: {name}_images must be (N, H, W) or (N, H, W, C); got {images.shape}")
+                labels = _npz_labels(path, name, arrays[f"{name}_labels"], len(images))
+                splits[name] = LabeledImages(list(images), labels, image_size)
+        label_names = [str(x) for x in arrays["label_names"]] if "label_names" in keys else None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"cannot read {path!r} as an .npz file: {err}") from err
+    if "train" not in splits:
+        raise DataError(f"{path!r} has no train_images/train_labels arrays (MedMNIST layout); it has {sorted(keys)}")
+    n_classes = max(max(s.labels, default=0) for s in splits.values()) + 1
+    stem = os.path.basename(path).split(".")[0].split("_")[0].lower()
+    classes = label_names or MEDMNIST_LABELS.get(stem, [f"class {i}" for i in range(n_classes)])
+    return DataSplits(classes, splits, f"{os.path.basename(path)} (MedMNIST layout)")
+
+
+def _hidden(name: str) -> bool:
+    # Dot-folders (.ipynb_checkpoints, .DS_Store) and archive debris (__MACOSX) are never classes.
+    return name.startswith((".", "__"))
+
+
+def _scan(directory: str) -> Dict[str, List[str]]:
+    """class folder -> sorted image/DICOM files under it (hidden folders and files skipped)."""
+    classes = {}
+    for entry in sorted(os.listdir(directory)):
+        sub = os.path.join(directory, entry)
+        if _hidden(entry) or not os.path.isdir(sub):
+            continue
+        try:
+            entry.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"class folder {os.fsencode(sub)!r} has a name that is not valid UTF-8; rename it "
+                            "(class names become prompts)") from None
+        files = []
+        for root, dirs, names in os.walk(sub):
+            dirs[:] = sorted(d for d in dirs if not _hidden(d))
+            files += [os.path.join(root, f) for f in names if is_image_file(f)]
+        classes[entry] = sorted(files)
+    return classes
+
+
+def _load_folder(root: str, image_size: int) -> DataSplits:
+    split_dirs = [s for s in SPLITS if os.path.isdir(os.path.join(root, s))]
+    trees = {s: _scan(os.path.join(root, s)) for s in split_dirs} if split_dirs else {"train": _scan(root)}
+    classes = sorted(set().union(*(t.keys() for t in trees.values())))
+    if not classes or not any(files for t in trees.values() for files in t.values()):
+        raise DataError(f"no images found under {root!r}: expected class folders (root/<class>/*.png) "
+                        f"with {', '.join(IMAGE_EXTENSIONS + DICOM_EXTENSIONS)} files")
+    empty = [c for c in classes if not any(t.get(c) for t in trees.values())]
+    if empty:
+        raise DataError(f"class folders {empty} under {root!r} hold no images; remove them or add images")
+    splits = {}
+    for name, tree in trees.items():
+        items, labels = [], []
+        for label, cls in enumerate(classes):
+            items += tree.get(cls, [])
+            labels += [label] * len(tree.get(cls, []))
+        _check_files_exist(items)
+        splits[name] = LabeledImages(items, labels, image_size)
+    return DataSplits(classes, splits, f"ImageFolder {root}")
+
+
+def _load_csv(path: str, image_size: int) -> DataSplits:
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        # utf-8-sig: spreadsheets save CSVs with a byte-order mark before "path".
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in reader.fieldnames or []]
+            reader.fieldnames = header
+            rows = list(reader)
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read CSV {path!r}: {err}") from err
+    if not {"path", "label"} <= set(header):
+        raise DataError(f"CSV {path!r} needs a header with 'path' and 'label' columns (and optionally 'split'); "
+                        f"it has {header}")
+    if not rows:
+        raise DataError(f"CSV {path!r} has a header but no rows")
+    for line, r in enumerate(rows, start=2):
+        for column in ("path", "label"):
+            if not (r.get(column) or "").strip():
+                raise DataError(f"{path!r} line {line}: no {column!r} value")
+    classes = sorted({r["label"].strip() for r in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    by_split: Dict[str, tuple] = {}
+    for line, r in enumerate(rows, start=2):
+        split = (r.get("split") or "train").strip()
+        if split not in SPLITS:
+            raise DataError(f"{path!r} line {line}: unknown split {split!r}; use one of {SPLITS}")
+        items, labels = by_split.setdefault(split, ([], []))
+        file = r["path"].strip()
+        items.append(file if os.path.isabs(file) else os.path.join(base, file))
+        labels.append(index[r["label"].strip()])
+    if "train" not in by_split:
+        raise DataError(f"CSV {path!r} has no rows in the train split")
+    splits = {}
+    for split, (items, labels) in by_split.items():
+        _check_files_exist(items)
+        splits[split] = LabeledImages(items, labels, image_size)
+    return DataSplits(classes, splits, f"CSV {path}")
+
+
+def _check_files_exist(paths: Sequence[str]) -> None:
+    for p in paths:
+        if not os.path.isfile(p):
+            raise DataError(f"image file {p!r} does not exist")

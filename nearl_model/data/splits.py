@@ -1,0 +1,114 @@
+"""Labelled image sets, their train/val/test splits, and few-shot sampling."""
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Union
+
+import numpy as np
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from .images import DataError, preprocess, read_image
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class LabeledImages(torch.utils.data.Dataset):
+    """Images (uint8 arrays in memory, or file paths) with integer labels."""
+
+    items: List[Union[np.ndarray, str]]
+    labels: List[int]
+    image_size: int = 224
+    mean: Sequence[float] = OPENAI_DATASET_MEAN
+    std: Sequence[float] = OPENAI_DATASET_STD
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return preprocess(read_image(self.items[i]), self.image_size, self.mean, self.std), self.labels[i]
+
+    def subset(self, indices: Sequence[int]) -> "LabeledImages":
+        return LabeledImages([self.items[i] for i in indices], [self.labels[i] for i in indices],
+                             self.image_size, self.mean, self.std)
+
+
+@dataclass
+class DataSplits:
+    classes: List[str]
+    splits: Dict[str, LabeledImages] = field(default_factory=dict)
+    description: str = ""
+
+    def fingerprint(self) -> str:
+        """A digest of the classes and of every split's items (file path, size, mtime or pixels) and labels.
+
+        A resumed run compares it with the checkpoint's, so edited, added or
+        re-split data is caught even when the path is the same.
+        """
+        h = hashlib.sha256(repr(self.classes).encode())
+        for name in sorted(self.splits):
+            split = self.splits[name]
+            h.update(f"|{name}|{split.labels}".encode())
+            for item in split.items:
+                if isinstance(item, np.ndarray):
+                    h.update(np.ascontiguousarray(item).tobytes())
+                else:
+                    st = os.stat(item)
+                    h.update(f"{item}:{st.st_size}:{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
+
+def fill_missing_splits(data: DataSplits, seed: int, val_fraction: float = 0.15, test_fraction: float = 0.15) -> None:
+    """Carve val/test out of train (stratified, seeded) where the source has none."""
+    train = data.splits["train"]
+    missing = [s for s in ("val", "test") if s not in data.splits]
+    if not missing:
+        return
+    g = torch.Generator().manual_seed(seed)
+    keep, carved = [], {s: [] for s in missing}
+    labels = np.asarray(train.labels)
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)[torch.randperm(int((labels == label).sum()), generator=g).numpy()]
+        start = 0
+        for s, frac in (("val", val_fraction), ("test", test_fraction)):
+            if s in carved:
+                n = max(1, math.floor(len(idx) * frac)) if len(idx) > 2 else 0
+                carved[s] += idx[start : start + n].tolist()
+                start += n
+        keep += idx[start:].tolist()
+    data.splits["train"] = train.subset(sorted(keep))
+    for s in missing:
+        data.splits[s] = train.subset(sorted(carved[s]))
+
+
+def check_layout(data: DataSplits, source: str) -> None:
+    """At least two classes, every class with training images, every split non-empty, labels in range."""
+    k = len(data.classes)
+    if k < 2:
+        raise DataError(f"{source} has {k} class(es) {data.classes}; classification needs at least two")
+    for name, split in data.splits.items():
+        bad = [y for y in split.labels if not 0 <= y < k]
+        if bad:
+            raise DataError(f"the {name} split of {source} has labels {sorted(set(bad))[:5]} outside 0..{k - 1}")
+        if len(split) == 0:
+            raise DataError(f"the {name} split of {source} is empty")
+    counts = np.bincount(np.asarray(data.splits["train"].labels, dtype=np.int64), minlength=k)
+    empty = [data.classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataError(f"classes {empty} of {source} have no training images; add images or remove the class")
+
+
+def few_shot(dataset: LabeledImages, shots: int, seed: int) -> LabeledImages:
+    """``shots`` examples per class, sampled reproducibly from ``seed``."""
+    if shots < 1:
+        raise DataError(f"--shots must be >= 1; got {shots}")
+    g = torch.Generator().manual_seed(seed)
+    labels = np.asarray(dataset.labels)
+    chosen = []
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        chosen += idx[torch.randperm(len(idx), generator=g)[:shots].numpy()].tolist()
+    return dataset.subset(sorted(chosen))
