@@ -21,11 +21,12 @@ class Progress:
         total: units expected (None if unknown).
         desc: what is counted, e.g. ``"epoch 3/20"``.
         enabled: False for non-main processes of a distributed run.
-        every: seconds between plain lines.
+        every: seconds between plain lines (default ``EVERY_SECONDS``).
     """
 
-    def __init__(self, total: Optional[int], desc: str, enabled: bool = True, every: float = EVERY_SECONDS):
-        self.total, self.desc, self.every, self.n = total, desc, every, 0
+    def __init__(self, total: Optional[int], desc: str, enabled: bool = True, every: Optional[float] = None):
+        self.total, self.desc, self.n = total, desc, 0
+        self.every = EVERY_SECONDS if every is None else every
         self.enabled = enabled
         self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) if enabled and _terminal() else None
         self.last = time.monotonic()

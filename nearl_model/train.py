@@ -262,7 +262,8 @@ def load_checkpoint(path: str, key: Dict) -> Dict:
         for name in ("adapter", "optimizer", "scheduler", "scaler", "rng", "history", "epoch"):
             state[name]
     except Exception as err:  # torch.load raises many types for a damaged file
-        raise CLIError(f"--resume: checkpoint {path!r} is unreadable ({type(err).__name__}: {err}); "
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CLIError(f"--resume: checkpoint {path!r} is unreadable ({type(err).__name__}: {reason}); "
                        "start the run again with --overwrite") from err
     if saved != key:
         diff = "; ".join(f"{k}: checkpoint {_short(saved.get(k))} vs now {_short(v)}"

@@ -1,10 +1,14 @@
 """Helpers shared by the tests (fixtures live in conftest.py)."""
 
 import copy
+import os
 
+import numpy as np
 import torch
+from PIL import Image
 
 from nearl_model import TINY_CLIP_CONFIG, NearlCLIP, NearlConfig
+from nearl_model.data import synthetic_xrays
 
 CLASSES = ["normal lungs", "bacterial pneumonia", "viral pneumonia"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,3 +50,31 @@ def rel_err(a, b):
     """Max error relative to the reference's largest element; a tensor whose true value is
     ~0 (e.g. q's gradients when a group has one context token) is measured against 0.1."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(0.1)).item()
+
+
+def write_image_folder(root, n_per_class=16, classes=("normal", "pneumonia")):
+    images, labels = synthetic_xrays(n_per_class * 3, seed=7, size=48)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        if label < len(classes):
+            os.makedirs(root / classes[label], exist_ok=True)
+            Image.fromarray(img).save(root / classes[label] / f"{i:03d}.png")
+    return root
+
+
+def write_dicom(path, pixels):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)

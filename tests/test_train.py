@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from nearl_model import evaluate, predict
 from nearl_model.data import synthetic_xrays
+
+from helpers import write_dicom, write_image_folder
 from nearl_model.train import main
 
 @pytest.fixture(autouse=True)
@@ -25,15 +26,6 @@ def kernels_not_interpreted(monkeypatch):
 
 FAST = ["--batch-size", "8", "--lr", "5e-3", "--fused", "--seed", "3"]
 OUTPUTS = {"adapter.safetensors", "checkpoint.pt", "metrics.jsonl", "summary.json", "curves.png", "confusion.png"}
-
-
-def write_image_folder(root, n_per_class=16, classes=("normal", "pneumonia")):
-    images, labels = synthetic_xrays(n_per_class * 3, seed=7, size=48)
-    for i, (img, label) in enumerate(zip(images, labels)):
-        if label < len(classes):
-            os.makedirs(root / classes[label], exist_ok=True)
-            Image.fromarray(img).save(root / classes[label] / f"{i:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -184,25 +176,6 @@ def test_bad_input_exits_2_with_reason_and_no_checkpoint(folder, tmp_path, capsy
     blocker.write_text("")
     _fails_cleanly([], blocker / "out", capsys, "cannot write to output directory")
     _fails_cleanly(["--data", str(folder), "--resume"], tmp_path / "fresh", capsys, "no checkpoint")
-
-
-def write_dicom(path, pixels):
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.dataset import Dataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
 
 
 def test_dicom_folder(tmp_path):
