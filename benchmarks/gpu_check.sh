@@ -10,7 +10,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
-mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -20,6 +19,14 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
 
+# Without a GPU every figure would be a CPU figure filed as a GPU one: stop first.
+if ! $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "gpu_check.sh: no CUDA GPU here (torch.cuda.is_available() is False); run it on a GPU machine." >&2
+    echo "On a CPU: pytest benchmarks/ --benchmark-only (see the README's Benchmarks section)." >&2
+    exit 2
+fi
+
+mkdir -p "$OUT"
 $PY - <<'PY' > "$OUT/env.json"
 import json, platform, torch, triton
 print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

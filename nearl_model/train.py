@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="runs/nearl", help="output directory")
+    o.add_argument("--out", default=None, help="output directory (default: a new runs/<date-time>)")
     o.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
     o.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     return p
@@ -286,8 +286,21 @@ def _check_finite(what: str, value: float, world: int, device, epoch: int, batch
                        "--precision fp32, or check the data")
 
 
+def default_out() -> str:
+    """A new directory per run, so runs never share the default and none is refused for it."""
+    base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    out, n = base, 1
+    while os.path.exists(out):
+        out, n = f"{base}-{n}", n + 1
+    return out
+
+
 def run(args) -> int:
     check_args(args)
+    if args.out is None:
+        if args.resume:
+            raise CLIError("--resume needs --out: the directory of the run to continue")
+        args.out = default_out()
     device = pick_device(args.device)
     rank, world, device = _distributed(device)
     main_process = rank == 0

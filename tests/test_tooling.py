@@ -1,0 +1,39 @@
+"""The scripts and entry points around the library: the GPU check, CTest, the kernels' public names."""
+
+import inspect
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import nearl_kernels as nk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine gpu_check.sh runs the real check")
+def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
+    out = tmp_path / "gpu"
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OUT=str(out)), timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU here" in done.stderr, done.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ctest") is None, reason="cmake is not installed")
+def test_ctest_has_one_test_per_test_file(tmp_path):
+    subprocess.run(["cmake", "-S", ROOT, "-B", str(tmp_path)], check=True, capture_output=True)
+    listing = subprocess.run(["ctest", "--test-dir", str(tmp_path), "-N"], check=True, capture_output=True,
+                             text=True).stdout
+    files = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "tests")) if f.startswith("test_") and f.endswith(".py"))
+    for name in files:
+        assert f": {name}\n" in listing, name
+    assert f"Total Tests: {len(files) + 1}" in listing
+
+
+def test_each_public_op_is_its_own_reference_with_fused_false():
+    assert sorted(nk.__all__) == ["SYNERGY_PARAM_NAMES", "oca", "synergy_block"]
+    for op in (nk.oca, nk.synergy_block):
+        assert inspect.signature(op).parameters["fused"].default is True
