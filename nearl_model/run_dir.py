@@ -58,8 +58,5 @@ class RunDir:
             for f in existing:
                 os.unlink(os.path.join(path, f))
 
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
     def close(self) -> None:
         self._lock.close()

@@ -1,8 +1,8 @@
 """Train and evaluate NEARL-CLIP adapters: ``python -m nearl_model.train [--fused]``.
 
 With no ``--data`` it trains on the embedded synthetic demo (generated X-ray-like
-images, a small random-init CLIP), which runs in about two minutes on 2 CPU
-cores and shows learning. With ``--data`` it takes an ImageFolder tree, a CSV,
+images, a small random-init CLIP), which runs in about a minute on 2 CPU
+cores and shows learning (the README quotes a measured run). With ``--data`` it takes an ImageFolder tree, a CSV,
 a MedMNIST .npz or a DICOM folder. ``torchrun --nproc_per_node N -m
 nearl_model.train ...`` trains with DistributedDataParallel.
 
@@ -15,11 +15,12 @@ if __name__ == "__main__":
     print("nearl: starting (importing torch, open_clip, triton)", flush=True)
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
 import sys
-import hashlib
 import time
 from typing import Dict, List, Optional
 
@@ -237,12 +238,12 @@ def _file_identity(path: Optional[str]) -> Optional[str]:
     return f"file of {size} bytes, sha256 of its ends {h.hexdigest()[:16]}"
 
 
-def run_key(args, config: NearlConfig, data: DataSplits, prompts: List[str]) -> Dict:
+def run_key(args, config: NearlConfig, data: DataSplits, fingerprint: str, prompts: List[str]) -> Dict:
     """What a resumed run must share with the run that wrote the checkpoint: contents, not paths."""
     settings = ("model", "shots", "seed", "epochs", "batch_size", "accum", "lr", "weight_decay", "warmup",
                 "grad_clip", "precision", "max_steps")
     return {
-        "config": config.to_dict(), "classes": data.classes, "prompts": prompts, "data": data.fingerprint(),
+        "config": config.to_dict(), "classes": data.classes, "prompts": prompts, "data": fingerprint,
         "pretrained": _file_identity(args.pretrained), **{k: getattr(args, k) for k in settings},
     }
 
@@ -347,7 +348,9 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
     )
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
-    key = run_key(args, model.config, data, prompts)
+    fingerprint = data.fingerprint()
+    key = run_key(args, model.config, data, fingerprint, prompts)
+    run_info = run_record(args, data, fingerprint, prompts)
     history: List[Dict] = []
     first_epoch = 0
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -442,7 +445,7 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
             state = {"key": key, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": history,
                      "epoch": epoch + 1}
-            save_checkpoint(args.out, model, state, run_record(args, data, prompts))
+            save_checkpoint(args.out, model, state, run_info)
         if world > 1:
             dist.barrier()
 
@@ -451,26 +454,21 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
     return 0
 
 
-def run_record(args, data: DataSplits, prompts: List[str]) -> Dict:
+def run_record(args, data: DataSplits, fingerprint: str, prompts: List[str]) -> Dict:
     """What evaluate and predict need to rebuild this run: backbone, data and its split, classes, prompts."""
     return {"model": args.model, "pretrained": args.pretrained, "seed": args.seed, "classes": data.classes,
             "prompts": prompts, "data": os.path.abspath(args.data) if args.data else None,
-            "data_fingerprint": data.fingerprint(), "shots": args.shots, "precision": args.precision}
+            "data_fingerprint": fingerprint, "shots": args.shots, "precision": args.precision}
 
 
+@contextlib.contextmanager
 def _writing(out: str):
     """Turn a failed write (disk full, permissions) into a CLIError that says what was kept."""
-    class _Guard:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, kind, err, tb):
-            if isinstance(err, OSError):
-                raise CLIError(f"cannot write to {out!r}: {err}; files written before this point are kept "
-                               "intact (each is replaced atomically)") from err
-            return False
-
-    return _Guard()
+    try:
+        yield
+    except OSError as err:
+        raise CLIError(f"cannot write to {out!r}: {err}; files written before this point are kept intact "
+                       "(each is replaced atomically)") from err
 
 
 def save_checkpoint(out: str, model: NearlCLIP, state: Dict, run: Dict) -> None:
