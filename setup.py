@@ -10,10 +10,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["nearl_kernels", "nearl_kernels.*", "nearl_model", "nearl_model.*"]),
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "torchvision",
         "triton>=3.0; platform_system == 'Linux'",
-        "open_clip_torch>=2.23",
+        "open_clip_torch>=3.1",
         "numpy",
         "safetensors",
         "tqdm",
@@ -22,8 +22,12 @@ setup(
         "scikit-learn",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "pydicom>=2.4"],
+        # transformers in dev too, so the BiomedCLIP and RoBERTa tower tests run rather than skip.
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "pydicom>=2.4", "transformers>=4.46", "open_clip_torch>=3.3"],
         "xformers": ["xformers"],
         "dicom": ["pydicom>=2.4"],
+        # open_clip < 3.3 tokenizes with an API transformers 5 removed.
+        "hf": ["transformers>=4.46", "open_clip_torch>=3.3"],
     },
+    package_data={"nearl_model": ["model_configs/*.md", "model_configs/*/*.json", "model_configs/*/*/*.json"]},
 )

@@ -63,26 +63,28 @@ def frozen_clip_step(model, images, texts, labels):
     back through every block after the first interaction point, which is as
     far as NearlCLIP's gradients reach: the difference is the adapters' cost.
     """
-    visual, tower = model.clip.visual, model.text_tower
+    image, text = model.image_tower, model.text_tower
     B, (K, n) = images.shape[0], texts.shape
     v_first, t_first = model.image_schedule[0] + 1, model.text_schedule[0] + 1
-    mask = tower.attn_mask(n)
+    tokens = texts.repeat(B, 1)
     with _autocast():
         with torch.no_grad():
-            x_v, x_t = visual._embeds(images), tower.embed(texts)
-            for blk in visual.transformer.resblocks[:v_first]:
-                x_v = blk(x_v)
-            for blk in tower.blocks[:t_first]:
-                x_t = blk(x_t, attn_mask=mask)
+            x_v, x_t = image.embed(images), text.embed(texts)
+            mask = text.attention(texts, x_t)
+            for i in range(v_first):
+                x_v = image.block(i, x_v)
+            for i in range(t_first):
+                x_t = text.block(i, x_t, mask)
         x_v = x_v.requires_grad_()
         x_t = x_t.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * K, n, -1).requires_grad_()
+        mask = text.attention(tokens, x_t)
         h_v, h_t = x_v, x_t
-        for blk in visual.transformer.resblocks[v_first:]:
-            h_v = blk(h_v)
-        for blk in tower.blocks[t_first:]:
-            h_t = blk(h_t, attn_mask=mask)
-        img = visual._pool(h_v)[0] @ visual.proj
-        txt = tower.head(h_t, texts.repeat(B, 1)).view(B, K, -1)
+        for i in range(v_first, image.n_blocks):
+            h_v = image.block(i, h_v)
+        for i in range(t_first, text.n_blocks):
+            h_t = text.block(i, h_t, mask)
+        img = image.head(h_v)
+        txt = text.head(h_t, tokens).view(B, K, -1)
         logits = model._logits(img, txt)
         loss = F.cross_entropy(logits.float(), labels)
     torch.autograd.grad(loss, [x_v, x_t])

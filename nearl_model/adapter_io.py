@@ -169,5 +169,6 @@ def load_trained(path: str, pretrained: Optional[str] = None, fused: bool = True
                                 "with --pretrained (pretrained= in Python)") from err
     model = NearlCLIP(clip, config, fused=fused)
     load_into(model, path, tensors, metadata)
-    texts = tokenize_prompts(run["prompts"], run["model"], model.text_tower.context_length)
+    texts = tokenize_prompts(run["prompts"], run["model"], model.text_tower.context_length,
+                             pretrained or run["pretrained"])
     return model.eval(), run, texts

@@ -3,79 +3,22 @@
 import math
 from typing import Optional, Tuple
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
-from .adapter_io import check_fits, read_adapter, write_adapter
+from .adapter_io import load_into, write_adapter
 from .backbones import create_clip
 from .config import NearlConfig
 from .modules import NearlAdapters
+from .towers import SUPPORTED_TOWERS, check_supported
 
-SUPPORTED_TOWERS = (
-    "open_clip CLIP or CustomTextCLIP with a VisionTransformer image tower (no attentional pooler) "
-    "and a causal TextTransformer text tower (ViT-B-32, ViT-B-16, ViT-L-14 and their kin)"
-)
+__all__ = ["NearlCLIP", "SUPPORTED_TOWERS"]
 
 
 def _layer_schedule(n_blocks: int, n_layers: int) -> list:
     """Block index after which interaction layer j sits: round((j+1) * n_blocks / J) - 1, halves up."""
     return [math.floor((j + 1) * n_blocks / n_layers + 0.5) - 1 for j in range(n_layers)]
-
-
-class _TextTower:
-    """Uniform access to open_clip's two text-tower layouts (CLIP keeps the parts on itself)."""
-
-    def __init__(self, clip: nn.Module):
-        if isinstance(clip, open_clip.CLIP):
-            src, self.pool_type, self.eos_id = clip, clip.text_pool_type, getattr(clip, "text_eos_id", None)
-        elif isinstance(clip, open_clip.CustomTextCLIP) and isinstance(clip.text, TextTransformer):
-            src, self.pool_type, self.eos_id = clip.text, clip.text.pool_type, getattr(clip.text, "eos_id", None)
-            if src.cls_emb is not None or getattr(src, "use_pad_mask", False):
-                raise TypeError(f"text towers with a class token or pad mask are not supported; supported: {SUPPORTED_TOWERS}")
-        else:
-            raise TypeError(f"unsupported text tower in {type(clip).__name__}; supported: {SUPPORTED_TOWERS}")
-        if self.pool_type not in ("argmax", "eos", "first", "last"):
-            raise TypeError(f"text pool type {self.pool_type!r} is not supported; supported: {SUPPORTED_TOWERS}")
-        self.src = src
-
-    @property
-    def blocks(self):
-        return self.src.transformer.resblocks
-
-    @property
-    def width(self) -> int:
-        return self.src.transformer.width
-
-    @property
-    def context_length(self) -> int:
-        return self.src.positional_embedding.shape[0]
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        cast_dtype = self.src.transformer.get_cast_dtype()
-        n = tokens.shape[1]
-        return self.src.token_embedding(tokens).to(cast_dtype) + self.src.positional_embedding[:n].to(cast_dtype)
-
-    def attn_mask(self, n: int) -> Optional[torch.Tensor]:
-        mask = self.src.attn_mask
-        return None if mask is None else mask[:n, :n]
-
-    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.pool_type == "eos":
-            return (tokens == self.eos_id).int().argmax(dim=-1)
-        if self.pool_type == "argmax":
-            return tokens.argmax(dim=-1)
-        return torch.full(tokens.shape[:1], tokens.shape[1] - 1, device=tokens.device)
-
-    def head(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.src.ln_final(x)
-        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
-        proj = self.src.text_projection
-        if proj is None:
-            return x
-        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
 class NearlCLIP(nn.Module):
@@ -85,28 +28,30 @@ class NearlCLIP(nn.Module):
     adapters compute the down-projections, update the synergy queries with a
     USEformer block, and apply the OCA to both towers' tokens.
 
+    The towers are reached only through ``nearl_model.towers`` (open_clip
+    ViT, timm ViT, causal or bidirectional TextTransformer, Hugging Face
+    BERT/RoBERTa encoders), so any supported pair works the same way.
+
     Args:
-        clip: an open_clip CLIP (see ``SUPPORTED_TOWERS``); it is frozen in place.
+        clip: an open_clip CLIP or CustomTextCLIP (see ``SUPPORTED_TOWERS``);
+            it is frozen in place.
         config: adapter configuration; ``NearlConfig()`` by default.
         fused: route the adapters through the ``nearl_kernels`` custom ops
-            (Triton on CUDA); False runs the reference maths. Same state dict.
+            (Triton on CUDA, the reference maths on CPU, so always valid);
+            False calls the reference maths directly. Same state dict.
 
     Example:
         >>> model = NearlCLIP.from_pretrained("ViT-B-16", pretrained=None)
         >>> logits = model(images, texts)          # (B, K)
     """
 
-    def __init__(self, clip: nn.Module, config: Optional[NearlConfig] = None, fused: bool = False):
+    def __init__(self, clip: nn.Module, config: Optional[NearlConfig] = None, fused: bool = True):
         super().__init__()
         config = config or NearlConfig()
         if not isinstance(config, NearlConfig):
             raise TypeError(f"config must be a NearlConfig; got {type(config).__name__}")
-        visual = getattr(clip, "visual", None)
-        if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
-            raise TypeError(f"unsupported image tower {type(visual).__name__}; supported: {SUPPORTED_TOWERS}")
-        if not visual.transformer.batch_first:
-            raise TypeError("open_clip towers must be batch_first (open_clip >= 2.23)")
-        self.text_tower = _TextTower(clip)
+        # Plain objects, not submodules: the backbone's parameters stay registered once, under clip.
+        self.image_tower, self.text_tower = check_supported(clip)
         self.clip = clip
         self.config = config
         self.fused = fused
@@ -114,20 +59,29 @@ class NearlCLIP(nn.Module):
             p.requires_grad_(False)
         self.clip.eval()
 
-        n_img, n_txt = len(visual.transformer.resblocks), len(self.text_tower.blocks)
+        n_img, n_txt = self.image_tower.n_blocks, self.text_tower.n_blocks
         self.n_layers = min(n_img, n_txt)
         self.image_schedule = _layer_schedule(n_img, self.n_layers)
         self.text_schedule = _layer_schedule(n_txt, self.n_layers)
-        self.adapters = NearlAdapters(config, self.n_layers, visual.transformer.width, self.text_tower.width)
+        self.adapters = NearlAdapters(config, self.n_layers, self.image_tower.width, self.text_tower.width)
 
     @classmethod
     def from_pretrained(
-        cls, model: str, pretrained: Optional[str] = None, config: Optional[NearlConfig] = None, fused: bool = False
+        cls, model: str, pretrained: Optional[str] = None, config: Optional[NearlConfig] = None, fused: bool = True
     ) -> "NearlCLIP":
-        """Build the open_clip backbone (name, ``hf-hub:`` id, JSON config) and attach fresh adapters.
+        """Build the open_clip backbone and attach fresh adapters.
 
-        ``pretrained`` is an open_clip tag or a local checkpoint; offline
-        download failures raise a RuntimeError that says how to pass a file.
+        Args:
+            model: an open_clip name, ``"biomedclip"``, an ``hf-hub:`` id, or a
+                JSON config (see :func:`nearl_model.create_clip`).
+            pretrained: an open_clip tag or a local checkpoint; offline
+                download failures raise a RuntimeError that says how to load
+                a downloaded file instead.
+            config: adapter configuration; ``NearlConfig()`` by default.
+            fused: see the class docstring; on by default, as in the CLIs.
+
+        Returns:
+            the NearlCLIP, backbone frozen, adapters at their identity init.
         """
         return cls(create_clip(model, pretrained), config, fused=fused)
 
@@ -139,7 +93,7 @@ class NearlCLIP(nn.Module):
 
     @property
     def image_size(self) -> Tuple[int, int]:
-        return tuple(self.clip.visual.image_size)
+        return tuple(self.image_tower.image_size)
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -150,7 +104,7 @@ class NearlCLIP(nn.Module):
                 f"images must be a float tensor (B, C, H, W), normalised as the backbone expects; "
                 f"got {getattr(images, 'dtype', type(images).__name__)}"
             )
-        channels = self.clip.visual.conv1.in_channels
+        channels = self.image_tower.in_channels
         if images.dim() != 4 or images.shape[1] != channels or tuple(images.shape[2:]) != self.image_size:
             raise ValueError(
                 f"images must be (B, {channels}, {self.image_size[0]}, {self.image_size[1]}); got {tuple(images.shape)}"
@@ -172,13 +126,15 @@ class NearlCLIP(nn.Module):
         """Unnormalised image (B, D) and text (B, K, D) or (K, D) features, and the penalty."""
         self._check_inputs(images, texts)
         texts = texts.long()
-        cfg, visual, tower, ad = self.config, self.clip.visual, self.text_tower, self.adapters
+        cfg, image, text, ad = self.config, self.image_tower, self.text_tower, self.adapters
         paired = cfg.mode == "paired"
         B, (K, n) = images.shape[0], texts.shape
-        x_v = visual._embeds(images)
-        x_t = tower.embed(texts)
-        t_mask = tower.attn_mask(n)
-        t_valid = torch.arange(n, device=texts.device)[None, :] <= tower.eot_index(texts)[:, None]  # [K, n]
+        x_v = image.embed(images)
+        x_t = text.embed(texts)
+        t_mask = text.attention(texts, x_t)
+        # Padding never enters the USEformer context.
+        t_valid = text.valid(texts)  # [K, n]
+        tokens = texts.repeat(B, 1) if paired else texts
         Lv = x_v.shape[1]
         ctx_mask = torch.cat([t_valid.new_ones(B, Lv), t_valid.reshape(1, K * n).expand(B, -1)], dim=1)
         if not paired:
@@ -188,15 +144,16 @@ class NearlCLIP(nn.Module):
         penalty = x_v.new_zeros((), dtype=torch.float32)
         next_img = next_txt = 0
         for j in range(self.n_layers):
-            for blk in visual.transformer.resblocks[next_img : self.image_schedule[j] + 1]:
-                x_v = blk(x_v)
-            for blk in tower.blocks[next_txt : self.text_schedule[j] + 1]:
-                x_t = blk(x_t, attn_mask=t_mask)
+            for i in range(next_img, self.image_schedule[j] + 1):
+                x_v = image.block(i, x_v)
+            for i in range(next_txt, self.text_schedule[j] + 1):
+                x_t = text.block(i, x_t, t_mask)
             next_img, next_txt = self.image_schedule[j] + 1, self.text_schedule[j] + 1
             if paired and j == 0:
                 # Text blocks before the first interaction are the same for every
                 # image: run them once for the K prompts, then give each image its copy.
                 x_t = x_t.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * K, n, -1)
+                t_mask = text.attention(tokens, x_t)
 
             oca_v, oca_t, block = ad.oca_image[j], ad.oca_text[j], ad.useformer[j]
             h_v, h_t = oca_v.down(x_v), oca_t.down(x_t)
@@ -214,14 +171,12 @@ class NearlCLIP(nn.Module):
                 x_v = oca_v(x_v, h_v, z_v, 1, cfg.eps, self.fused)
                 x_t = oca_t(x_t, h_t, z_t, K, cfg.eps, self.fused)
 
-        for blk in visual.transformer.resblocks[next_img:]:
-            x_v = blk(x_v)
-        for blk in tower.blocks[next_txt:]:
-            x_t = blk(x_t, attn_mask=t_mask)
-        pooled, _ = visual._pool(x_v)
-        img_f = pooled @ visual.proj if visual.proj is not None else pooled
-        tokens = texts.repeat(B, 1) if paired else texts
-        txt_f = tower.head(x_t, tokens)
+        for i in range(next_img, image.n_blocks):
+            x_v = image.block(i, x_v)
+        for i in range(next_txt, text.n_blocks):
+            x_t = text.block(i, x_t, t_mask)
+        img_f = image.head(x_v)
+        txt_f = text.head(x_t, tokens)
         if paired:
             txt_f = txt_f.view(B, K, -1)
         return img_f, txt_f, penalty
@@ -260,7 +215,7 @@ class NearlCLIP(nn.Module):
     def _shape_metadata(self) -> dict:
         c = self.config
         return {
-            "n_layers": self.n_layers, "vision_width": self.clip.visual.transformer.width,
+            "n_layers": self.n_layers, "vision_width": self.image_tower.width,
             "text_width": self.text_tower.width, "r": c.r, "n_heads": c.n_heads,
             "n_queries": c.n_queries, "ffn_ratio": c.ffn_ratio,
         }
@@ -279,6 +234,4 @@ class NearlCLIP(nn.Module):
 
     def load_adapter(self, path: str) -> None:
         """Load an adapter written by :meth:`save_adapter`; a mismatched or non-finite one is a ValueError."""
-        tensors, metadata = read_adapter(path)
-        check_fits(path, tensors, metadata, self._shape_metadata(), self.adapters.state_dict())
-        self.adapters.load_state_dict(tensors)
+        load_into(self, path)

@@ -1,9 +1,10 @@
-"""Class names -> prompts -> token ids, truncated to the longest prompt."""
+"""Class names -> prompts -> token ids, through the backbone's own tokenizer."""
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
-import open_clip
 import torch
+
+from .backbones import get_tokenizer
 
 DEFAULT_TEMPLATE = "a medical image showing {}."
 
@@ -33,20 +34,62 @@ def class_prompts(
     return [template.format(descriptions.get(name, name)) for name in class_names]
 
 
-def tokenize_prompts(prompts: Sequence[str], model: str = "ViT-B-16", context_length: int = 77) -> torch.Tensor:
-    """Token ids (K, n) for K prompts, n = the longest prompt (with its end token).
+def tokenize_prompts(
+    prompts: Sequence[str],
+    model: Union[str, dict] = "ViT-B-16",
+    context_length: Optional[int] = None,
+    pretrained: Optional[str] = None,
+) -> torch.Tensor:
+    """Token ids (K, n) for K prompts, through the text tower's own tokenizer.
 
-    The text towers are causal, so the tokens after a prompt's end token never
-    change its feature: cutting the padding to the longest prompt is exact and
-    saves up to 77/n of the text tower's work.
+    How far the padding is cut depends on the tower, so that the result is
+    exact: a causal tower pooled at the end token (CLIP) and a tower that
+    masks its padding (Hugging Face BERT/RoBERTa, BiomedCLIP) get n = the
+    longest prompt, since no real token ever attends to the padding; a
+    bidirectional tower without a mask (SigLIP) keeps the full fixed-length
+    padding it was trained with, and NearlCLIP keeps that padding out of
+    the USEformer context.
+
+    Args:
+        prompts: K non-empty strings.
+        model: the backbone the prompts are for, as given to
+            :func:`nearl_model.create_clip` (a name, ``"biomedclip"``, an
+            ``hf-hub:`` id, a JSON config path or dict).
+        context_length: the most tokens a prompt may have; the model
+            config's context (77 for CLIP, 256 for BiomedCLIP) by default,
+            and never more than it.
+        pretrained: the weights the backbone was built with (see
+            :func:`nearl_model.backbones.get_tokenizer`: offline, a bundled
+            model without weights may fall back to a generated vocabulary).
+
+    Returns:
+        int64 token ids (K, n).
+
+    Example:
+        >>> tokenize_prompts(["a chest X-ray showing pneumonia."], "ViT-B-16").shape
+        torch.Size([1, 9])
     """
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError(f"prompts must be a non-empty list of strings; got {prompts!r}")
     empty = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
     if empty:
         raise ValueError(f"prompts at positions {empty} are empty or not strings")
-    name = model if isinstance(model, str) and model in open_clip.list_models() else "ViT-B-16"
-    tokenizer = open_clip.get_tokenizer(name, context_length=context_length)
-    tokens = tokenizer(list(prompts))
-    n = int((tokens != 0).sum(dim=1).max())
+    if context_length is not None and (not isinstance(context_length, int) or context_length < 2):
+        raise ValueError(f"context_length must be an int >= 2; got {context_length!r}")
+    tokenizer, text_cfg = get_tokenizer(model, None, pretrained)
+    limit = text_cfg.get("context_length", 77)
+    tokens = tokenizer(list(prompts), context_length=min(context_length or limit, limit)).long()
+    if text_cfg.get("hf_model_name"):
+        # The tower masks its padding: cut after the last non-pad token of the longest prompt.
+        real = tokens != tokenizer.tokenizer.pad_token_id
+        n = int((real.int().cumsum(dim=1) * real).argmax(dim=1).max()) + 1
+    elif text_cfg.get("no_causal_mask") or text_cfg.get("embed_cls"):
+        return tokens.contiguous()
+    elif text_cfg.get("pool_type", "argmax") == "argmax":
+        n = int(tokens.argmax(dim=1).max()) + 1
+    elif text_cfg.get("pool_type") == "eos":
+        n = int((tokens == text_cfg.get("eos_id", 2)).int().argmax(dim=1).max()) + 1
+    else:
+        # Pooled at a fixed position: every token may reach it, keep them all.
+        return tokens.contiguous()
     return tokens[:, :n].contiguous()

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shots", type=int, default=None, help="few-shot: K training images per class (default: all)")
     d.add_argument("--seed", type=int, default=0, help="seed for splits, shuffling, few-shot sampling and init")
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="nearl-tiny", help="open_clip name, hf-hub:org/repo, JSON config or nearl-tiny")
+    m.add_argument("--model", default="nearl-tiny", help="open_clip name (ViT-B-16, ViT-B-16-SigLIP...), "
+                   "biomedclip, hf-hub:org/repo, JSON config, or nearl-tiny")
     m.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint file (default: random init)")
     m.add_argument("--mode", choices=("paired", "shared"), default=None,
                    help="adapter mode; default: --config's mode, else paired")
@@ -324,7 +325,7 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
         train_set = few_shot(train_set, args.shots, args.seed)
     classes = data.classes
     prompts = make_prompts(args, classes)
-    texts = tokenize_prompts(prompts, args.model, model.text_tower.context_length).to(device)
+    texts = tokenize_prompts(prompts, args.model, model.text_tower.context_length, args.pretrained).to(device)
     model.to(device)
 
     n_train = len(train_set)
@@ -376,7 +377,7 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
         print(f"nearl: {data.description}")
         print(f"nearl: classes {classes}; {n_train} train / {len(data.splits['val'])} val / "
               f"{len(data.splits['test'])} test images")
-        print(f"nearl: backbone {args.model} ({args.pretrained or 'random init'}), mode {model.config.mode}, "
+        print(f"nearl: backbone {args.model} ({getattr(model.clip, 'nearl_weights', args.pretrained or 'random init')}), mode {model.config.mode}, "
               f"{n_params:,} trainable parameters, adapters via {where}, {device}, {args.precision}, "
               f"{world} process(es)")
         if args.batch_size > n_train:

@@ -19,7 +19,7 @@ def _openclip_features(model, images, prompts):
 @pytest.mark.parametrize("backbone", ["nearl-tiny", "ViT-B-32"])
 def test_init_reproduces_frozen_clip(backbone, mode):
     torch.manual_seed(0)
-    model = NearlCLIP.from_pretrained(backbone, config=NearlConfig(mode=mode))
+    model = NearlCLIP.from_pretrained(backbone, config=NearlConfig(mode=mode), fused=False)
     prompts = class_prompts(CLASSES, "a chest X-ray showing {}.")
     texts = tokenize_prompts(prompts)
     images = images_for(model, batch=2)
@@ -33,6 +33,11 @@ def test_init_reproduces_frozen_clip(backbone, mode):
     else:
         assert txt_f.shape == ref_txt.shape
         assert (txt_f - ref_txt).abs().max() <= 1e-5
+
+
+def test_fused_is_the_default_as_in_the_clis():
+    assert NearlCLIP.from_pretrained("nearl-tiny").fused is True
+    assert NearlCLIP(make_model().clip).fused is True
 
 
 def test_default_budget_on_vit_b16():
