@@ -242,3 +242,14 @@ def test_notes_on_batch_size_and_underscores_in_prompts(tmp_path, capsys):
     assert "--batch-size 64 is more than the" in printed
     _, meta = read_adapter(str(out / "adapter.safetensors"))
     assert read_run("x", meta)["prompts"][0] == "a medical image showing normal lungs."
+
+
+def test_the_cli_speaks_before_its_heavy_imports():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "nearl_model.train", "--epochs", "0"], capture_output=True,
+                          text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 2
+    assert done.stdout.startswith("nearl: starting"), done.stdout
+    assert done.stderr.endswith("error: --epochs must be >= 1; got 0\n"), done.stderr
