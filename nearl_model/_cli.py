@@ -5,6 +5,15 @@ import argparse
 import torch
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default, except where there is none to show (None)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class CLIError(Exception):
     """A user-facing failure: printed as ``error: ...`` with exit code 2."""
 

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import List, Optional
 
-from ._cli import CLIError, add_inference_args, load_run
+from ._cli import CLIError, HelpFormatter, add_inference_args, load_run
 from ._io import atomic_write_text
 from .data import DataError, load_dataset
 from .metrics import format_per_class, format_scores
@@ -24,7 +24,7 @@ from .train import evaluate
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nearl_model.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_inference_args(p)
     p.add_argument("--data", help="same forms as nearl_model.train --data (default: the training run's data)")
     p.add_argument("--split", choices=("train", "val", "test"), default="test", help="which split to score")

@@ -8,14 +8,14 @@ import argparse
 import sys
 from typing import List, Optional
 
-from ._cli import CLIError, add_inference_args, load_run
+from ._cli import CLIError, HelpFormatter, add_inference_args, load_run
 from .data import DataError, LabeledImages, read_image
 from .train import predict_probs
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nearl_model.predict", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_inference_args(p)
     p.add_argument("images", nargs="+", help="image or DICOM files")
     args = p.parse_args(argv)

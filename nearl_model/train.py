@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._cli import CLIError, pick_device
+from ._cli import CLIError, HelpFormatter, pick_device
 from ._io import atomic_write, atomic_write_text
 from ._progress import Progress
 from .backbones import create_clip
@@ -40,11 +40,12 @@ from .prompts import class_prompts, tokenize_prompts
 from .run_dir import RunDir, RunDirError
 
 DEMO_TEMPLATE = "a chest X-ray showing {}."
+DEFAULT_EPOCHS = 20
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nearl_model.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", help="ImageFolder dir, CSV (path,label[,split]), MedMNIST .npz or DICOM dir; "
                                   "omit for the synthetic demo")
@@ -65,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="route the adapters through the nearl_kernels ops (Triton on CUDA)")
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=20, help="passes over the training set")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="passes over the training set (default: 20, or more to reach --min-steps)")
+    t.add_argument("--min-steps", type=int, default=200,
+                   help="without --epochs, train at least this many optimiser steps: a few-shot set is one or "
+                        "two batches an epoch, and 20 steps leave the adapters at chance")
     t.add_argument("--batch-size", type=int, default=32, help="global batch (split across processes)")
     t.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
     t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
@@ -85,12 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Range-check every number before anything is built: one line naming the flag and the value."""
-    for flag, minimum in (("epochs", 1), ("batch_size", 1), ("accum", 1), ("workers", 0)):
+    for flag, minimum in (("batch_size", 1), ("accum", 1), ("min_steps", 1), ("workers", 0)):
         if getattr(args, flag) < minimum:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= {minimum}; got {getattr(args, flag)}")
-    for flag in ("shots", "max_steps"):
+    for flag in ("epochs", "shots", "max_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise CLIError(f"--{flag.replace('_', '-')} must be >= 1 (omit it for all); got {getattr(args, flag)}")
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
     checks = (("lr", lambda v: v > 0, "> 0"), ("grad_clip", lambda v: v > 0, "> 0"),
               ("weight_decay", lambda v: v >= 0, ">= 0"), ("warmup", lambda v: 0 <= v < 1, "in [0, 1)"))
     for flag, ok, rule in checks:
@@ -241,7 +246,7 @@ def _file_identity(path: Optional[str]) -> Optional[str]:
 
 def run_key(args, config: NearlConfig, data: DataSplits, fingerprint: str, prompts: List[str]) -> Dict:
     """What a resumed run must share with the run that wrote the checkpoint: contents, not paths."""
-    settings = ("model", "shots", "seed", "epochs", "batch_size", "accum", "lr", "weight_decay", "warmup",
+    settings = ("model", "shots", "seed", "epochs", "min_steps", "batch_size", "accum", "lr", "weight_decay", "warmup",
                 "grad_clip", "precision", "max_steps")
     return {
         "config": config.to_dict(), "classes": data.classes, "prompts": prompts, "data": fingerprint,
@@ -283,8 +288,8 @@ def _check_finite(what: str, value: float, world: int, device, epoch: int, batch
         dist.all_reduce(flag)
         bad = flag.item() > 0
     if bad:
-        raise CLIError(f"training diverged: the {what} is {value} at epoch {epoch}, batch {batch}; nothing of this "
-                       f"epoch was saved and the last good checkpoint in {run_dir!r} is kept. Try a lower --lr, "
+        raise CLIError(f"training diverged: the {what} is {value} at epoch {epoch}, batch {batch}; nothing since the "
+                       f"last checkpoint was saved, and that checkpoint in {run_dir!r} is kept. Try a lower --lr, "
                        "--precision fp32, or check the data")
 
 
@@ -336,7 +341,10 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
     if args.max_steps:
         batches_per_epoch = min(batches_per_epoch, args.max_steps)
     steps_per_epoch = math.ceil(batches_per_epoch / args.accum)
-    total_steps = steps_per_epoch * args.epochs
+    epochs = args.epochs or max(DEFAULT_EPOCHS, math.ceil(args.min_steps / steps_per_epoch))
+    total_steps = steps_per_epoch * epochs
+    # Validate and checkpoint about 20 times a run, not after each of hundreds of one-step epochs.
+    save_every = max(1, epochs // DEFAULT_EPOCHS)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
@@ -388,17 +396,19 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
                   "order changes every epoch, so every image is used)")
         if args.compile:
             print("nearl: torch.compile: the first batches compile the model (tens of seconds on a CPU)", flush=True)
+        if not args.epochs and epochs > DEFAULT_EPOCHS:
+            print(f"nearl: note: {steps_per_epoch} optimiser step(s) an epoch, so {epochs} epochs to reach "
+                  f"--min-steps {args.min_steps} (validation and checkpoint every {save_every})")
         if first_epoch:
             print(f"nearl: resumed after epoch {first_epoch} from {ckpt_path}")
 
-    for epoch in range(first_epoch, args.epochs):
+    losses, seen, t0 = [], 0, time.time()
+    for epoch in range(first_epoch, epochs):
         model.train()
-        t0 = time.time()
         batches = epoch_batches(n_train, batch, args.seed, epoch)[:batches_per_epoch]
         local = [b[rank::world] for b in batches]
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=local, num_workers=args.workers)
-        losses, seen = [], 0
-        progress = Progress(len(local), f"epoch {epoch + 1}/{args.epochs}", enabled=main_process)
+        progress = Progress(len(local), f"epoch {epoch + 1}/{epochs}", enabled=main_process)
         optimizer.zero_grad(set_to_none=True)
         for i, (images, labels) in enumerate(loader):
             images, labels = images.to(device), labels.to(device)
@@ -421,6 +431,8 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
             seen += len(images) * world
             progress.update(loss=f"{np.mean(losses[-10:]):.3f}", img_s=f"{seen / (time.time() - t0):.1f}")
         progress.close()
+        if (epoch + 1) % save_every and epoch + 1 != epochs:
+            continue
         train_loss = float(np.mean(losses))
         if world > 1:
             t = torch.tensor(train_loss, device=device)
@@ -432,8 +444,8 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
             bad = [k for k, v in model.adapter_state_dict().items() if not torch.isfinite(v).all()]
             if bad:
                 raise CLIError(f"training diverged: adapter tensors {bad[:3]} hold NaN/inf after epoch {epoch + 1}; "
-                               f"nothing of this epoch was saved and the last good checkpoint in {args.out!r} is "
-                               "kept. Try a lower --lr or --precision fp32")
+                               f"nothing since the last checkpoint was saved, and that checkpoint in {args.out!r} "
+                               "is kept. Try a lower --lr or --precision fp32")
             val = evaluate(model, data.splits["val"], texts, classes, device, args.precision, "validating")
             record = {
                 "epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
@@ -441,7 +453,7 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
                 "val": {k: val[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")},
             }
             history.append(record)
-            print(f"epoch {epoch + 1:>3}/{args.epochs}  loss {train_loss:.4f}  val {format_scores(val)}  "
+            print(f"epoch {epoch + 1:>3}/{epochs}  loss {train_loss:.4f}  val {format_scores(val)}  "
                   f"{seen / train_seconds:.1f} img/s  {train_seconds:.1f}s", flush=True)
             state = {"key": key, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": history,
@@ -449,9 +461,10 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
             save_checkpoint(args.out, model, state, run_info)
         if world > 1:
             dist.barrier()
+        losses, seen, t0 = [], 0, time.time()
 
     if main_process:
-        finish(args, model, data, texts, classes, device, history, n_params, time.time() - start)
+        finish(args, model, data, texts, classes, device, history, n_params, epochs, time.time() - start)
     return 0
 
 
@@ -481,14 +494,14 @@ def save_checkpoint(out: str, model: NearlCLIP, state: Dict, run: Dict) -> None:
         atomic_write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in state["history"]))
 
 
-def finish(args, model, data, texts, classes, device, history, n_params, seconds) -> None:
+def finish(args, model, data, texts, classes, device, history, n_params, epochs, seconds) -> None:
     test = evaluate(model, data.splits["test"], texts, classes, device, args.precision, "testing")
     summary = {
         "accuracy": test["accuracy"], "balanced_accuracy": test["balanced_accuracy"], "macro_f1": test["macro_f1"],
         "auroc": test["auroc"], "num_trainable_parameters": n_params, "seconds": seconds,
         "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"], "classes": classes,
         "data": data.description, "model": args.model, "pretrained": args.pretrained, "mode": model.config.mode,
-        "fused": args.fused, "device": str(device), "precision": args.precision, "epochs": args.epochs,
+        "fused": args.fused, "device": str(device), "precision": args.precision, "epochs": epochs,
     }
     with _writing(args.out):
         if history:

@@ -66,7 +66,8 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for default in ("(default: 20)", "(default: 32)", "(default: 0.001)", "(default: True)"):
+    for default in ("default: 20, or more to reach --min-steps", "(default: 200)", "(default: 32)",
+                    "(default: 0.001)", "(default: True)"):
         assert default in text, default
 
 

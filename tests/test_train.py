@@ -189,3 +189,14 @@ def test_dicom_folder(tmp_path):
     assert main(["--data", str(tmp_path / "dicom"), "--epochs", "1", "--out", str(out), *FAST]) == 0
     summary = json.load(open(out / "summary.json"))
     assert summary["classes"] == ["finding", "normal"]
+
+
+def test_few_shot_without_epochs_trains_min_steps_and_saves_about_20_times(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--data", str(folder), "--shots", "4", "--batch-size", "8", "--min-steps", "60",
+                 "--out", str(out), "--seed", "3"]) == 0
+    assert "so 60 epochs to reach --min-steps 60 (validation and checkpoint every 3)" in capsys.readouterr().out
+    history = read_history(out)
+    assert [h["epoch"] for h in history] == list(range(3, 61, 3))
+    assert json.load(open(out / "summary.json"))["epochs"] == 60
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["scheduler"]["last_epoch"] == 60
