@@ -28,6 +28,13 @@ def pick_device(name: str) -> torch.device:
         raise CLIError(f"bad --device {name!r}: {err}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name} asked for CUDA but none is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    try:
+        # A device torch knows by name but this build or machine lacks (mps on Linux, xpu) fails here, not later.
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise CLIError(f"--device {name} is not usable here: {(str(err).splitlines() or [''])[0]}") from err
     return device
 
 

@@ -25,8 +25,16 @@ def write_adapter(path: str, tensors: Dict[str, torch.Tensor], config: NearlConf
     metadata = {"format": ADAPTER_FORMAT, "nearl_config": config.to_json(), "shape": json.dumps(shape, sort_keys=True)}
     if run is not None:
         metadata["nearl_run"] = json.dumps(run)
-    # save_file is looked up at call time so tests can make it fail mid-write.
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    def write(tmp: str) -> None:
+        # save_file is looked up at call time so tests can make it fail mid-write.
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except OSError:
+            raise
+        except Exception as err:  # safetensors reports I/O failures (a full disk) as its own error type
+            raise OSError(f"cannot write {path!r}: {err}") from err
+
+    atomic_write(path, write)
 
 
 def read_adapter(path: str):
@@ -71,6 +79,11 @@ def validate_adapter(path: str, tensors: Dict[str, torch.Tensor], metadata: dict
         raise ValueError(f"adapter {path!r} has a malformed config or shape record ({type(err).__name__}: {err})") from err
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in dims):
         raise ValueError(f"adapter {path!r}: shape record {dict(zip(SHAPE_KEYS, dims))} must hold positive ints")
+    if dims[0] > len(tensors):
+        # Every layer has tensors of its own: more layers than tensors is a damaged record, refused before
+        # laying out that many layers even on the meta device.
+        raise ValueError(f"adapter {path!r}: its shape record claims {dims[0]} layers but it holds {len(tensors)} "
+                         "tensors")
     with torch.device("meta"):
         expected = NearlAdapters(config, *dims).state_dict()
     check_tensors(path, tensors, expected)
@@ -167,6 +180,10 @@ def load_trained(path: str, pretrained: Optional[str] = None, fused: bool = True
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err}: the backbone weights the run used have moved; pass their new place "
                                 "with --pretrained (pretrained= in Python)") from err
+    now = getattr(clip, "nearl_weights", None)
+    if not pretrained and run.get("weights") not in (None, now):
+        raise ValueError(f"adapter {path!r} was trained on {run['model']} with {run['weights']}, but here it "
+                         f"loads {now}; pass --pretrained with the weights the run used")
     model = NearlCLIP(clip, config, fused=fused)
     load_into(model, path, tensors, metadata)
     texts = tokenize_prompts(run["prompts"], run["model"], model.text_tower.context_length,

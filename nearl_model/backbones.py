@@ -413,9 +413,18 @@ def _create_from_hub(model: str) -> nn.Module:
 
 
 def _hub_id_with_file(model: str, pretrained: str) -> nn.Module:
+    """A hub id with a local weights file: the architecture from the config beside the file, else the hub's."""
+    if not os.path.isfile(pretrained):
+        raise ValueError(f"with an hf-hub: model, --pretrained must be a local checkpoint file; got {pretrained!r} "
+                         "(hub repositories bring their own weights: omit --pretrained)")
     beside = Path(pretrained).resolve().parent / "open_clip_config.json"
-    config = str(beside) if beside.is_file() else model
-    return create_clip(config, pretrained)
+    if beside.is_file():
+        return create_clip(str(beside), pretrained)
+    cfg, base_dir = model_config(model)
+    clip = build_from_config(cfg, base_dir)
+    load_pretrained_file(clip, pretrained)
+    clip.nearl_weights = f"weights from {pretrained}"
+    return clip.eval()
 
 
 def _has_tokenizer_files(folder: Optional[Path]) -> bool:

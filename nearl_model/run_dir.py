@@ -21,8 +21,8 @@ class RunDir:
     run (or a second resume) sharing the directory; the lock goes with the
     process, so a killed run never leaves it stuck. A directory that holds a
     run's files is refused unless the run is resumed (``resume``) or replaced
-    (``overwrite``, which deletes the old run's files first so no old summary
-    or plot sits beside a new checkpoint).
+    (``overwrite``: :meth:`clear` deletes the old run's files before the
+    first save, so no old summary or plot sits beside a new checkpoint).
 
     Args:
         path: the output directory (created if missing).
@@ -47,16 +47,30 @@ class RunDir:
             self._lock.close()
             raise RunDirError(f"another nearl run is using --out {path!r} right now; wait for it or choose "
                               "another --out") from None
-        remove_stale_temporaries(path)
-        existing = [f for f in RUN_FILES if os.path.exists(os.path.join(path, f))]
-        if existing and not resume and not overwrite:
-            state = "a finished run" if "summary.json" in existing else "an unfinished run"
+        try:
+            remove_stale_temporaries(path)
+        except OSError as err:
             self.close()
-            raise RunDirError(f"--out {path!r} holds {state} ({', '.join(existing)}); pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another --out")
-        if overwrite:
-            for f in existing:
-                os.unlink(os.path.join(path, f))
+            raise RunDirError(f"cannot clean up the temporaries in {path!r}: {err}") from err
+        self.existing = [f for f in RUN_FILES if os.path.exists(os.path.join(path, f))]
+        if self.existing and not resume and not overwrite:
+            state = "a finished run" if "summary.json" in self.existing else "an unfinished run"
+            self.close()
+            raise RunDirError(f"--out {path!r} holds {state} ({', '.join(self.existing)}); pass --resume to continue "
+                              "it, --overwrite to replace it, or choose another --out")
+        self.overwrite = overwrite
+
+    def clear(self) -> None:
+        """With ``overwrite``, delete the old run's files; called once every input has been checked, so a
+        typo in the new run's flags never costs the old run."""
+        if not self.overwrite:
+            return
+        try:
+            for f in self.existing:
+                os.unlink(os.path.join(self.path, f))
+        except OSError as err:
+            raise RunDirError(f"--overwrite: cannot delete the old run's files in {self.path!r}: {err}") from err
+        self.existing = []
 
     def close(self) -> None:
         self._lock.close()

@@ -244,13 +244,15 @@ def _file_identity(path: Optional[str]) -> Optional[str]:
     return f"file of {size} bytes, sha256 of its ends {h.hexdigest()[:16]}"
 
 
-def run_key(args, config: NearlConfig, data: DataSplits, fingerprint: str, prompts: List[str]) -> Dict:
+def run_key(args, config: NearlConfig, data: DataSplits, fingerprint: str, prompts: List[str],
+            weights: str) -> Dict:
     """What a resumed run must share with the run that wrote the checkpoint: contents, not paths."""
     settings = ("model", "shots", "seed", "epochs", "min_steps", "batch_size", "accum", "lr", "weight_decay", "warmup",
                 "grad_clip", "precision", "max_steps")
     return {
         "config": config.to_dict(), "classes": data.classes, "prompts": prompts, "data": fingerprint,
-        "pretrained": _file_identity(args.pretrained), **{k: getattr(args, k) for k in settings},
+        "pretrained": _file_identity(args.pretrained), "model_file": _file_identity(args.model),
+        "weights": weights, **{k: getattr(args, k) for k in settings},
     }
 
 
@@ -289,7 +291,7 @@ def _check_finite(what: str, value: float, world: int, device, epoch: int, batch
         bad = flag.item() > 0
     if bad:
         raise CLIError(f"training diverged: the {what} is {value} at epoch {epoch}, batch {batch}; nothing since the "
-                       f"last checkpoint was saved, and that checkpoint in {run_dir!r} is kept. Try a lower --lr, "
+                       f"last checkpoint was saved, and any checkpoint already in {run_dir!r} is kept. Try a lower --lr, "
                        "--precision fp32, or check the data")
 
 
@@ -330,7 +332,10 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
         train_set = few_shot(train_set, args.shots, args.seed)
     classes = data.classes
     prompts = make_prompts(args, classes)
-    texts = tokenize_prompts(prompts, args.model, model.text_tower.context_length, args.pretrained).to(device)
+    try:
+        texts = tokenize_prompts(prompts, args.model, model.text_tower.context_length, args.pretrained).to(device)
+    except (ValueError, RuntimeError) as err:
+        raise CLIError(f"cannot tokenize the prompts for {args.model}: {err}") from err
     model.to(device)
 
     n_train = len(train_set)
@@ -358,8 +363,9 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
     fingerprint = data.fingerprint()
-    key = run_key(args, model.config, data, fingerprint, prompts)
-    run_info = run_record(args, data, fingerprint, prompts)
+    weights = getattr(model.clip, "nearl_weights", args.pretrained or "random init")
+    key = run_key(args, model.config, data, fingerprint, prompts, weights)
+    run_info = {**run_record(args, data, fingerprint, prompts), "weights": weights}
     history: List[Dict] = []
     first_epoch = 0
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -402,6 +408,8 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
         if first_epoch:
             print(f"nearl: resumed after epoch {first_epoch} from {ckpt_path}")
 
+    if out is not None:
+        out.clear()
     losses, seen, t0 = [], 0, time.time()
     for epoch in range(first_epoch, epochs):
         model.train()

@@ -255,3 +255,33 @@ def test_the_cli_speaks_before_its_heavy_imports():
     assert done.returncode == 2
     assert done.stdout.startswith("nearl: starting"), done.stdout
     assert done.stderr.endswith("error: --epochs must be >= 1; got 0\n"), done.stderr
+
+
+def test_overwrite_with_a_typo_keeps_the_old_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    fails(["--data", str(tmp_path / "typo"), "--out", str(out), "--overwrite", *FAST], capsys, "does not exist")
+    assert (out / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("device", ["mps", "cuda:99"])
+def test_a_device_this_machine_lacks_is_one_error_line(device, tmp_path, capsys):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has mps")
+    fails(["--device", device, "--out", str(tmp_path / "out"), *FAST], capsys, f"--device {device}")
+
+
+def test_a_shape_record_claiming_more_layers_than_tensors_is_refused(trained, tmp_path, capsys):
+    def layers(m):
+        m["shape"] = json.dumps({**json.loads(m["shape"]), "n_layers": 10 ** 6})
+
+    path = tampered(trained, tmp_path, "layers.safetensors", change_meta=layers)
+    fails(["--adapter", path, __file__], capsys, "claims 1000000 layers", cli=predict.main)
+
+
+def test_an_hf_hub_id_with_a_tag_for_pretrained_is_refused():
+    from nearl_model.backbones import create_clip
+
+    with pytest.raises(ValueError, match="must be a local checkpoint file"):
+        create_clip("hf-hub:org/repo", "openai")

@@ -81,9 +81,15 @@ def _decode_all(data: DataSplits) -> None:
     """Decode every file once, in parallel, so a truncated or non-finite image fails now."""
     items = [item for split in data.splits.values() for item in split.items]
     workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        for _ in track(pool.map(read_image, items), "checking images", total=len(items)):
+    # Only the first process of a torchrun job reports progress.
+    report = os.environ.get("RANK", "0") == "0"
+    pool = ThreadPoolExecutor(workers)
+    try:
+        for _ in track(pool.map(read_image, items), "checking images", total=len(items), enabled=report):
             pass
+    finally:
+        # On the first bad file (or Ctrl-C), drop the decodes still queued rather than wait for them all.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _read_class_names(path: str) -> List[str]:
