@@ -37,10 +37,8 @@ from .backbones import create_clip
 from .data import DataError, LabeledImages, few_shot, load_dataset
 from .metrics import classification_metrics
 from .methods import METHODS, Backbone, ClassSet, Task, View
-from .prompts import class_prompts
+from .prompts import class_prompts, default_template
 
-DEMO_TEMPLATE = "a chest X-ray showing {}."
-DATA_TEMPLATE = "a medical image showing {}."
 COLUMNS = ["method", "shots", "seed", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "trainable_parameters",
            "train_seconds", "peak_memory_bytes"]
 B2N_COLUMNS = ["base_accuracy", "novel_accuracy", "harmonic_mean"]
@@ -388,7 +386,7 @@ def run(args, argv: Optional[List[str]] = None) -> int:
     backbone = Backbone(clip, args.model, device, args.precision, args.max_steps,
                         heartbeat=lambda text: progress and progress.beat(text))
     data = load_dataset(args.data, backbone.image_size, args.classes, seed=0)
-    template = args.prompt or (DEMO_TEMPLATE if args.data is None else DATA_TEMPLATE)
+    template = args.prompt or default_template(args.data)
     try:
         class_prompts(data.classes, template)
     except ValueError as err:

@@ -7,6 +7,13 @@ import torch
 from .backbones import get_tokenizer
 
 DEFAULT_TEMPLATE = "a medical image showing {}."
+# The embedded demo's images are chest X-rays.
+DEMO_TEMPLATE = "a chest X-ray showing {}."
+
+
+def default_template(data: Optional[str]) -> str:
+    """The prompt template when none is given: the demo's for ``data=None``, the generic one otherwise."""
+    return DEMO_TEMPLATE if data is None else DEFAULT_TEMPLATE
 
 
 def class_prompts(

@@ -36,10 +36,9 @@ from .clip import NearlCLIP
 from .config import NearlConfig
 from .data import DataError, DataSplits, LabeledImages, few_shot, load_dataset
 from .metrics import classification_metrics, format_per_class, format_scores, plot_confusion, plot_curves
-from .prompts import class_prompts, tokenize_prompts
+from .prompts import class_prompts, default_template, tokenize_prompts
 from .run_dir import RunDir, RunDirError
 
-DEMO_TEMPLATE = "a chest X-ray showing {}."
 DEFAULT_EPOCHS = 20
 
 
@@ -165,7 +164,7 @@ def make_prompts(args, classes: List[str]) -> List[str]:
             raise CLIError(f"cannot read --descriptions {args.descriptions!r}: {err}") from err
         if not isinstance(descriptions, dict) or not all(isinstance(v, str) for v in descriptions.values()):
             raise CLIError(f"--descriptions {args.descriptions!r} must be a JSON object {{class: description}}")
-    template = args.prompt or (DEMO_TEMPLATE if args.data is None else "a medical image showing {}.")
+    template = args.prompt or default_template(args.data)
     words = [descriptions.get(c, c.replace("_", " ")) for c in classes]
     unknown = sorted(set(descriptions) - set(classes))
     if unknown:

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from nearl_model import compare, create_clip
-from nearl_model.compare import DEMO_TEMPLATE, class_view, main, read_results, render_report
+from nearl_model.compare import class_view, main, read_results, render_report
+from nearl_model.prompts import DEMO_TEMPLATE
 from nearl_model.data import load_dataset, synthetic_xrays
 from nearl_model.methods import METHODS, Backbone, ClassSet, Task, clip_adapter
 from nearl_model.methods.clip_adapter import Adapter
