@@ -50,29 +50,46 @@ def intercept_launches(callback: Callable[[Launch], object]):
     ``callback(launch)`` returns what the launch should return; call
     ``launch.proceed()`` to run the kernel as the launcher asked.
     """
-    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+    def hooked(original, self, args, grid, warmup, kwargs):
+        if warmup:
+            return original(*args, grid=grid, warmup=warmup, **kwargs)
+        fn = self.fn
+        arguments, options = _bind(fn, args, kwargs)
+        grid_t = tuple(grid(arguments) if callable(grid) else grid)
+        launch = Launch(self, fn.__name__, arguments, options, grid_t, args, kwargs,
+                        lambda: original(*args, grid=grid, warmup=False, **kwargs))
+        return callback(launch)
 
-    def make(cls):
-        original = originals[cls]
-
+    def class_run(original):
         def run(self, *args, grid, warmup, **kwargs):
-            if warmup:
-                return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-            fn = self.fn
-            arguments, options = _bind(fn, args, kwargs)
-            grid_t = tuple(grid(arguments) if callable(grid) else grid)
-            launch = Launch(self, fn.__name__, arguments, options, grid_t, args, kwargs,
-                            lambda: original(self, *args, grid=grid, warmup=False, **kwargs))
-            return callback(launch)
+            return hooked(lambda *a, **kw: original(self, *a, **kw), self, args, grid, warmup, kwargs)
 
         return run
 
+    def getitem(original):
+        # Triton <= 3.5's interpreter launches from __getitem__, not from a class-level run.
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                return hooked(lambda *a, grid, warmup, **kw: original(self, grid)(*a, **kw), self, args, grid,
+                              False, kwargs)
+
+            return launch
+
+        return __getitem__
+
+    patches = {(JITFunction, "run"): class_run(JITFunction.run)}
+    if "run" in vars(InterpretedFunction):
+        patches[InterpretedFunction, "run"] = class_run(InterpretedFunction.run)
+    else:
+        patches[InterpretedFunction, "__getitem__"] = getitem(InterpretedFunction.__getitem__)
+    originals = {key: getattr(key[0], key[1]) for key in patches}
+
     with _LOCK:
-        for cls in originals:
-            cls.run = make(cls)
+        for (cls, name), patch in patches.items():
+            setattr(cls, name, patch)
     try:
         yield
     finally:
         with _LOCK:
-            for cls, original in originals.items():
-                cls.run = original
+            for (cls, name), original in originals.items():
+                setattr(cls, name, original)

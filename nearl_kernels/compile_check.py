@@ -446,7 +446,8 @@ def _specialisation(kernel, args, kwargs) -> Tuple[str, str]:
     from triton.runtime.driver import driver
 
     device = driver.active.get_current_device()
-    binder = kernel.device_caches[device][4]
+    # The binder is the last entry of a device cache in every release (3.4: 4 entries, 3.5+: 5).
+    binder = kernel.device_caches[device][-1]
     _, specialization, options = binder(*args, **kwargs)
     key = repr((specialization, sorted(options.items())))
     parts, ptrs, ints = [], {}, []
@@ -690,13 +691,17 @@ def _compile_capturing_ptxas_log(kernel, args, kwargs):
     from triton import knobs
 
     buf = io.StringIO()
-    old = knobs.nvidia.dump_ptxas_log
-    knobs.nvidia.dump_ptxas_log = True
+    # Triton 3.4 has no such knob: the caller runs ptxas -v itself then.
+    has_knob = hasattr(knobs.nvidia, "dump_ptxas_log")
+    old = getattr(knobs.nvidia, "dump_ptxas_log", None)
+    if has_knob:
+        knobs.nvidia.dump_ptxas_log = True
     try:
         with contextlib.redirect_stdout(buf):
             ck = kernel.run(*args, grid=(1,), warmup=True, **kwargs)
     finally:
-        knobs.nvidia.dump_ptxas_log = old
+        if has_knob:
+            knobs.nvidia.dump_ptxas_log = old
     return ck, buf.getvalue()
 
 
