@@ -10,10 +10,13 @@ import math
 from typing import List, Mapping, Tuple
 
 import torch
+import triton
 
-from .._checks import check_heads, check_same_device, check_shape, check_tensor
-from .._dispatch import eager_cpu, new_output, next_pow2, no_autocast, use_triton
-from .kernels import synergy_bwd_kernel, synergy_fwd_kernel
+from .._checks import (check_fusable, check_heads, check_same_device, check_shape, check_tensor,
+                       reference_dtype)
+from .._dispatch import eager_cpu, launch, new_output, next_pow2, no_autocast, use_triton
+from .kernels import (synergy_bwd_ctx_kernel, synergy_bwd_ffn_kernel, synergy_bwd_finish_kernel,
+                      synergy_bwd_tail_kernel, synergy_fwd_kernel)
 from .reference import PARAM_NAMES, synergy_reference, synergy_reference_bwd, synergy_reference_fwd
 
 # The CPU path computes in fp32 whatever the caller's autocast state.
@@ -37,7 +40,7 @@ MAX_QUERIES = 32
 _TILES = {
     (16, 16): (16, 16, 8, 1),
     (16, 32): (16, 16, 8, 1),
-    (32, 32): (8, 8, 8, 1),
+    (32, 32): (16, 16, 8, 1),
 }
 
 
@@ -107,27 +110,43 @@ def synergy_fwd_triton(z, ctx, ctx_mask, params, n_heads):
     o = new_output(G, M, r, like=z, dtype=torch.float32)
     lse = new_output(G, M, r, like=z, dtype=torch.float32)
     sizes, tiles = _launch_meta(z, params, n_heads)
-    synergy_fwd_kernel[(G,)](
-        z, ctx, mask, packed, out, o, lse, ctx.shape[1], **sizes, scale=1.0 / math.sqrt(r // n_heads), **tiles
-    )
+    launch(synergy_fwd_kernel, (G,), z, ctx, mask, packed, out, o, lse, ctx.shape[1], **sizes,
+           scale=1.0 / math.sqrt(r // n_heads), **tiles)
     return out, o, lse
 
 
 @no_autocast
 def synergy_bwd_triton(dz, z, ctx, ctx_mask, params, o, lse, n_heads):
-    """Launch synergy_bwd_kernel; per-group partial weight gradients are summed in a fixed order."""
+    """Launch the four backward kernels (FFN chunks, tail, context blocks, finish); the per-group
+    partial weight gradients are then summed in a fixed order."""
     dz, z, ctx = dz.contiguous(), z.contiguous(), ctx.contiguous()
     mask = ctx_mask.contiguous().view(torch.uint8)
     G, M, r = z.shape
+    Lc = ctx.shape[1]
     packed = _pack(params)
-    # dz is accumulated in fp32 by the kernel (it parks dL/dz1 there), then cast.
-    dz_out, dctx = new_output(*z.shape, like=z, dtype=torch.float32), new_output(*ctx.shape, like=ctx)
-    dparts = new_output(G, packed.numel(), like=z, dtype=torch.float32)
+    P = packed.numel()
     sizes, tiles = _launch_meta(z, params, n_heads)
-    synergy_bwd_kernel[(G,)](
-        dz, z, ctx, mask, packed, o, lse, dz_out, dctx, dparts, ctx.shape[1], **sizes, P=packed.numel(),
-        scale=1.0 / math.sqrt(r // n_heads), **tiles
-    )
+    BM, BR, BC, BF = (tiles[k] for k in ("BM", "BR", "BC", "BF"))
+    opts = dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], maxnreg=tiles["maxnreg"])
+    f32 = dict(like=z, dtype=torch.float32)
+    # dz is accumulated in fp32 by the kernels (dL/dz1 first, then the query path), then cast.
+    dz_out, dctx = new_output(G, M, r, **f32), new_output(*ctx.shape, like=ctx)
+    q, do, delta = (new_output(G, M, r, **f32) for _ in range(3))
+    dparts = new_output(G, P, **f32)
+    F = sizes["F"]
+    NF = triton.cdiv(F, BF)
+    dln2_part = new_output(G, NF, M, r, **f32)
+    launch(synergy_bwd_ffn_kernel, (G * NF,), dz, z, packed, o, dln2_part, dparts, NF, M, r, F, P,
+           BM=BM, BR=BR, BF=BF, **opts)
+    launch(synergy_bwd_tail_kernel, (G,), dz, z, packed, o, dln2_part, dz_out, q, do, delta, dparts, NF, M, r, F,
+           n_heads, P, BM=BM, BR=BR, **opts)
+    NC = triton.cdiv(Lc, BC)
+    Q = 2 * r * r + 3 * r
+    dq_part, dw_part = new_output(G, NC, M, r, **f32), new_output(G, NC, Q, **f32)
+    launch(synergy_bwd_ctx_kernel, (G * NC,), ctx, mask, packed, q, do, delta, lse, dctx, dq_part, dw_part, Lc, NC,
+           M, r, n_heads, Q, scale=1.0 / math.sqrt(r // n_heads), BM=BM, BR=BR, BC=BC, **opts)
+    launch(synergy_bwd_finish_kernel, (G,), z, packed, dq_part, dw_part, dz_out, dparts, NC, M, r, F, n_heads, P, Q,
+           BM=BM, BR=BR, **opts)
     dflat = dparts.sum(0)
     grads, start = [], 0
     for p in params:
@@ -224,5 +243,6 @@ def synergy_block(
     """
     flat = _check_synergy_inputs(z, ctx, ctx_mask, params, n_heads)
     if fused:
+        check_fusable("synergy_block", z, ctx, *flat)
         return SynergyFunction.apply(z, ctx, ctx_mask, n_heads, *flat)
-    return synergy_reference(z, ctx, ctx_mask, params, n_heads)
+    return synergy_reference(z, ctx, ctx_mask, params, n_heads, compute_dtype=reference_dtype(z))
