@@ -10,9 +10,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["nearl_kernels", "nearl_kernels.*", "nearl_model", "nearl_model.*"]),
     install_requires=[
-        "torch>=2.6",
+        # The releases the kernels are proven to build on (nearl_kernels/_dispatch.py TRITON_RANGE; the
+        # compile gate's tables per release are in benchmarks/results/compile_gate/): torch 2.8-2.15
+        # pin triton 3.4-3.9.
+        "torch>=2.8,<2.16",
         "torchvision",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.4,<3.10; platform_system == 'Linux'",
         "open_clip_torch>=3.1",
         "numpy",
         "safetensors",

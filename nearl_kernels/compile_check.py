@@ -69,7 +69,7 @@ ODD_WIDTHS = (1000,)
 IMAGE_LENGTHS = (50, 197, 257)
 TEXT_LENGTHS = (77,)
 SHORT_LENGTHS = (7,)
-# Adapter width r (bound: r <= 64), synergy queries M (bound: M <= 64, plus an
+# Adapter width r (OCA bound r <= 32; 64 shows the refusal), synergy queries M (bound: M <= 64, plus an
 # awkward 5), heads, and the USEformer FFN hidden width F.
 ADAPTER_WIDTHS = (16, 32, 64)
 QUERIES = (16, 64, 5)
@@ -188,10 +188,10 @@ def _paired_cases(r, M, heads, oca_dtypes, synergy_dtypes) -> Iterator[Case]:
 # tiles, and the shape sweeps on top of specialisations already built.
 # (dtype mix, (r, M, heads)) pairs; a mix's tile class is fp32 or low-precision.
 # The OCA bounds next_pow2(r) * next_pow2(M) <= 1024 (its own input check), so
-# its largest tiles are the widest adapter (r = 64, M = 16) and the most
+# its largest tiles are the widest adapter (r = 32, M = 32) and the most
 # queries (r = 16, M = 64); the USEformer takes r = M = 64.
 SMALLEST, DEFAULT = (16, 5, 4), (DEFAULT_R, DEFAULT_M, DEFAULT_HEADS)
-WIDEST, MOST_QUERIES, LARGEST = (64, 16, 4), (16, 64, 2), (64, 64, 4)
+WIDEST, MOST_QUERIES, LARGEST = (32, 32, 4), (16, 64, 2), (64, 64, 4)
 # The USEformer's own bound is r <= 32, M <= 32 (nearl_kernels/synergy/ops.py):
 # every dtype mix at its largest tile; LARGEST shows the refusal.
 SYNERGY_LARGEST = (32, 32, 2)
@@ -217,7 +217,7 @@ def default_cases() -> List[Case]:
     """The envelope the tests gate on.
 
     Every OCA dtype mix once; the fp32 and the low-precision tiles at their
-    largest (r = 64 with M = 16, and r = 16 with M = 64); fp16 at the smallest
+    largest (r = 32 with M = 32, and r = 16 with M = 64); fp16 at the smallest
     (r = 16, M = 5, 4 heads); at the default adapter in bf16 every tower width
     and length (with the odd width and the short sequence), a group of 4, and
     paired mode with 2,000 classes, and in fp32 every tower width and the odd one. The
@@ -980,6 +980,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "compile_gate"),
                         help="directory for sm90.md/json, sm80.md/json")
     parser.add_argument("--filter", default=None, help="only the cases whose label matches this regex")
+    parser.add_argument("--triton", default=None,
+                        help="comma-separated Triton releases (e.g. 3.4.0,3.6.0,3.9.0): install each into a cache "
+                             "and run the gate under it, one report per release under OUT/triton-X.Y.Z")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in ARCHS]
@@ -987,6 +990,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--arch must be a comma-separated subset of {', '.join(ARCHS)}; got {args.arch!r}")
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be >= 1; got {args.jobs}")
+    if args.triton:
+        from .triton_releases import run_matrix
+
+        versions = [v.strip() for v in args.triton.split(",") if v.strip()]
+        if not versions or not all(re.fullmatch(r"\d+\.\d+\.\d+", v) for v in versions):
+            parser.error(f"--triton must be comma-separated releases like 3.4.0,3.9.0; got {args.triton!r}")
+        rest = ["--arch", args.arch, "--envelope", args.envelope]
+        rest += (["--jobs", str(args.jobs)] if args.jobs else []) + (["--filter", args.filter] if args.filter else [])
+        return run_matrix(versions, rest, args.out)
+    expected = os.environ.get("NEARL_EXPECT_TRITON")
+    if expected and _versions()["triton"] != expected:
+        print(f"compile_check: asked for triton {expected} but imported {_versions()['triton']}", file=sys.stderr)
+        return 2
     if _interpreting():
         # Under the interpreter @triton.jit builds no compiler path: run again without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

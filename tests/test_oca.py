@@ -133,18 +133,19 @@ def test_bad_inputs_named_before_launch():
         nk.oca(x, a["z"], torch.zeros(768, 32), *args[2:])
     with pytest.raises(ValueError, match="x must be \\(G, L, d\\); got shape \\(7, 96\\)"):
         nk.oca(x[0], *args)
-    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16; got torch.int64"):
+    with pytest.raises(TypeError, match="x must be float64, float32, bfloat16 or float16; got torch.int64"):
         nk.oca(x.long(), *args)
     with pytest.raises(ValueError, match="r=32 must be a multiple of n_heads=3"):
         nk.oca(x, *args, n_heads=3)
-    with pytest.raises(ValueError, match=r"adapter width r = w_down.shape\[1\] must be in \[1, 64\]; got 256"):
+    with pytest.raises(ValueError, match=r"adapter width r = w_down.shape\[1\] must be in \[1, 32\]; got 256"):
         nk.oca(x, torch.zeros(2, 16, 256), torch.zeros(96, 256), torch.zeros(256), torch.zeros(256, 256),
                torch.zeros(256, 256), torch.zeros(256, 96), *args[6:], n_heads=1)
     with pytest.raises(ValueError, match=r"M = z.shape\[1\] must be in \[1, 64\]; got 200"):
         nk.oca(x, torch.zeros(2, 200, 32), *args[1:])
-    with pytest.raises(ValueError, match=r"r=64 with M=32 synergy queries is outside the compiled envelope"):
-        nk.oca(x, torch.zeros(2, 32, 64), torch.zeros(96, 64), torch.zeros(64), torch.zeros(64, 64),
-               torch.zeros(64, 64), torch.zeros(64, 96), *args[6:])
+    with pytest.raises(ValueError, match=r"r=32 with M=64 synergy queries is outside the compiled envelope"):
+        nk.oca(x, torch.zeros(2, 64, 32), *args[1:])
+    with pytest.raises(TypeError, match=r"oca\(fused=True\) runs float32, bfloat16 or float16; float64 is the reference"):
+        nk.oca(x.double(), *(t.double() for t in args[:9]))
     with pytest.raises(ValueError, match="group_size must be a positive int dividing G=2; got 3"):
         nk.oca(x, *args, group_size=3)
     with pytest.raises(ValueError, match=r"z must be \(G // group_size, M, r\) = \(1, 16, 32\)"):
@@ -155,7 +156,7 @@ def test_bad_inputs_named_before_launch():
 
 @pytest.mark.parametrize(
     "r,M,heads",
-    [pytest.param(16, 7, 1, id="r16-M7-H1"), pytest.param(64, 16, 4, id="r64-M16-H4"), pytest.param(48, 5, 3, id="r48-M5-H3")],
+    [pytest.param(16, 7, 1, id="r16-M7-H1"), pytest.param(32, 32, 4, id="r32-M32-H4"), pytest.param(24, 5, 3, id="r24-M5-H3")],
 )
 def test_other_widths_heads_and_query_counts(r, M, heads):
     x, a = make_inputs(2, 9, 80, r=r, M=M, T=2, s_incr=0.1)

@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_heads, check_same_device, check_shape, check_tensor
-from .._dispatch import eager_cpu, is_low_precision, new_output, next_pow2, no_autocast, sm_count, use_triton
+from .._checks import (check_fusable, check_heads, check_same_device, check_shape, check_tensor,
+                       reference_dtype)
+from .._dispatch import eager_cpu, is_low_precision, launch, new_output, next_pow2, no_autocast, sm_count, use_triton
 from .kernels import oca_bwd_dwu_kernel, oca_bwd_kernel, oca_fwd_kernel
 from .reference import down_project, oca_reference, oca_reference_bwd, oca_reference_fwd
 
@@ -22,11 +23,15 @@ from .reference import down_project, oca_reference, oca_reference_bwd, oca_refer
 _cpu_fwd, _cpu_bwd = no_autocast(oca_reference_fwd), no_autocast(oca_reference_bwd)
 
 # The kernels hold a (BLOCK_L, r) query tile and an (M, r) key/value tile in
-# registers; the compile gate proves these bounds spill-free on sm_80 and sm_90.
-MAX_WIDTH = 64
+# registers; the compile gate proves these bounds spill-free on sm_80 and sm_90
+# under every Triton release setup.py declares. r = 64 was dropped: its exact
+# fp32 backward (FMA dots contracting over 64) spills under triton 3.4-3.9 at
+# any token tile, and the USEformer, which every NearlCLIP layer also runs,
+# takes r <= 32 anyway.
+MAX_WIDTH = 32
 MAX_QUERIES = 64
 # ... and their tiles together: next_pow2(r) * next_pow2(M) (each at least 16)
-# at most this, i.e. M <= 16 at r = 64, M <= 32 at r = 32, M <= 64 at r <= 16.
+# at most this, i.e. M <= 32 at r = 32, M <= 64 at r <= 16.
 MAX_TILE_PRODUCT = 1024
 
 
@@ -51,7 +56,7 @@ def _check_oca_inputs(x, z, w_down, b_down, w_k, w_v, w_up, b_up, s_novel, s_inc
     if next_pow2(r) * next_pow2(M) > MAX_TILE_PRODUCT:
         raise ValueError(
             f"r={r} with M={M} synergy queries is outside the compiled envelope: next_pow2(r) * next_pow2(M) "
-            f"(each at least 16) must be at most {MAX_TILE_PRODUCT} (M <= 16 at r = 64, M <= 32 at r = 32)"
+            f"(each at least 16) must be at most {MAX_TILE_PRODUCT} (M <= 32 at r = 32, M <= 64 at r <= 16)"
         )
     check_shape("z", z, (G // group_size, M, r), "(G // group_size, M, r)")
     for name, t, shape, doc in (
@@ -72,31 +77,30 @@ def _check_oca_inputs(x, z, w_down, b_down, w_k, w_v, w_up, b_up, s_novel, s_inc
 
 
 # Tiles per op and dot precision at the default r = 32, M = 16: (BLOCK_L,
-# BLOCK_D, num_warps). Widths are runtime values in the kernels, so these
+# BLOCK_D, num_warps, maxnreg). Widths are runtime values in the kernels, so these
 # rows, with the token tile shrunk for wider query/key tiles (see _tiles), are
 # every specialisation the launchers can choose; `python -m
-# nearl_kernels.compile_check` compiles each for sm_90 and sm_80 and fails on
-# a spill or a launch limit.
+# nearl_kernels.compile_check` compiles each for sm_90 and sm_80 under every
+# Triton release setup.py declares and fails on a spill or a launch limit.
+# maxnreg = 255 where some release's ptxas would otherwise cap a thread at 80 or
+# 128 registers and spill; None where asking for it made the code spill instead
+# (the fp32 forward). Chosen by sweeping the gate over triton 3.4-3.9.
 _TILES = {
-    ("fwd", "fp32"): (32, 64, 4),
-    ("fwd", "lowp"): (64, 64, 8),
-    ("bwd", "fp32"): (32, 32, 8),
-    ("bwd", "lowp"): (64, 64, 8),
+    ("fwd", "fp32"): (32, 32, 8, None),
+    ("fwd", "lowp"): (64, 64, 8, 255),
+    ("bwd", "fp32"): (32, 32, 8, 255),
+    ("bwd", "lowp"): (32, 64, 8, 255),
 }
-# dW_u kernel: (BLOCK_T tokens per step, BLOCK_D columns, num_warps).
-_DWU_TILES = {"fp32": (32, 64, 4), "lowp": (64, 64, 4)}
+# dW_u kernel: (BLOCK_T tokens per step, BLOCK_D columns, num_warps, maxnreg).
+_DWU_TILES = {"fp32": (32, 64, 8, 255), "lowp": (64, 64, 8, 255)}  # maxnreg always set here
 
 
-def _tiles(which: str, precision: str, block_r: int, block_m: int, d: int) -> Tuple[int, int, int]:
+def _tiles(which: str, precision: str, block_r: int, block_m: int, d: int) -> Tuple[int, int, int, Optional[int]]:
     # The attention holds [BLOCK_L, BLOCK_M] scores and several [BLOCK_L,
     # BLOCK_R] tiles per program: keep their product at the default's.
-    block_l, block_d, warps = _TILES[which, precision]
+    block_l, block_d, warps, maxnreg = _TILES[which, precision]
     shrink = max(1, (block_r * block_m) // (32 * 16))
-    if (which, precision) == ("bwd", "fp32"):
-        # Measured: its 32-token tile fits every r <= 64 at M <= 32 (the FMA
-        # dots' operands dominate), and needs halving only for M = 64.
-        shrink = max(1, block_m // 32)
-    return max(16, block_l // shrink), block_d, warps
+    return max(16, block_l // shrink), block_d, warps, maxnreg
 
 
 def _precision(dot_dtype: torch.dtype) -> str:
@@ -134,7 +138,7 @@ def _token_launch(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group
     G, L, d = x.shape
     M, r = z.shape[1], h.shape[2]
     BR, BM = next_pow2(r), next_pow2(M)
-    BL, BD, warps = _tiles(which, _precision(dot_dtype), BR, BM, d)
+    BL, BD, warps, maxnreg = _tiles(which, _precision(dot_dtype), BR, BM, d)
     NL = triton.cdiv(L, BL)
     tensors = (
         x.contiguous(), h.contiguous(), *_kv(z, w_k, w_v),
@@ -149,6 +153,8 @@ def _token_launch(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group
         # the backward spill-free.
         BD //= 2
     meta = dict(BL=BL, BD=BD, BR=BR, BM=BM, DOT=_TL_DTYPES[dot_dtype], num_warps=warps)
+    if maxnreg:
+        meta["maxnreg"] = maxnreg
     return tensors, (G * NL,), sizes, meta
 
 
@@ -162,7 +168,7 @@ def oca_fwd_triton(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, grou
     tensors, grid, sizes, meta = _token_launch(
         x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, dot_dtype, "fwd")
     y = new_output(*x.shape, like=x)
-    oca_fwd_kernel[grid](*tensors, y, *sizes, eps, 1.0 / math.sqrt(h.shape[2] // n_heads), **meta)
+    launch(oca_fwd_kernel, grid, *tensors, y, *sizes, eps, 1.0 / math.sqrt(h.shape[2] // n_heads), **meta)
     return y
 
 
@@ -189,13 +195,13 @@ def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, 
     o, dp = new_output(G, L, r, **f32), new_output(G, L, **f32)
     dk_part, dv_part = new_output(n_tiles, M, r, **f32), new_output(n_tiles, M, r, **f32)
     ds_part = new_output(n_tiles, 2, **f32)
-    oca_bwd_kernel[grid](
-        dy, *tensors, dx, dh, o, dp, dk_part, dv_part, ds_part, *sizes, eps,
+    launch(
+        oca_bwd_kernel, grid, dy, *tensors, dx, dh, o, dp, dk_part, dv_part, ds_part, *sizes, eps,
         1.0 / math.sqrt(r // n_heads), **meta,
     )
 
     N = G * L
-    BT, BD2, warps2 = _DWU_TILES[_precision(dot_dtype)]
+    BT, BD2, warps2, maxnreg2 = _DWU_TILES[_precision(dot_dtype)]
     # An (r, BLOCK_D) fp32 accumulator per program: narrower column blocks for
     # wider r, and for widths no multiple of 16 (no vector loads; measured).
     BD2 = BD2 * 32 // max(32, meta["BR"])
@@ -205,9 +211,9 @@ def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, 
     splits = _dwu_splits(N, n_col, x.device)
     rows = triton.cdiv(N, splits)
     dwu_part, dbu_part = new_output(splits, r, d, **f32), new_output(splits, d, **f32)
-    oca_bwd_dwu_kernel[(n_col, splits)](
-        dy, x_c, o, dp, scales, dwu_part, dbu_part, N, rows, d, r,
-        BT=BT, BD=BD2, BR=next_pow2(r), DOT=meta["DOT"], num_warps=warps2,
+    launch(
+        oca_bwd_dwu_kernel, (n_col, splits), dy, x_c, o, dp, scales, dwu_part, dbu_part, N, rows, d, r,
+        BT=BT, BD=BD2, BR=next_pow2(r), DOT=meta["DOT"], num_warps=warps2, maxnreg=maxnreg2,
     )
 
     # Fixed-order sums over tiles and group members: deterministic by construction.
@@ -339,6 +345,7 @@ def oca(
     if h is None:
         h = down_project(x, w_down, b_down)
     if fused:
+        check_fusable("oca", x, z, w_up)
         # Under autocast the up-projection dots run in the autocast dtype (on
         # tensor cores), as the reference's matmuls do; statistics stay fp32.
         device = x.device.type
@@ -346,5 +353,6 @@ def oca(
         dot_dtype = resolve_dot_dtype(x, torch.get_autocast_dtype(device) if autocast else None)
         y = OCAFunction.apply(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype)
     else:
-        y = oca_reference(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps)
+        y = oca_reference(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps,
+                          compute_dtype=reference_dtype(x))
     return y, h
