@@ -8,8 +8,9 @@ Each op with ``fused=False`` is its reference, same arguments and results; the
 maths itself is in ``nearl_kernels/<op>/reference.py``.
 """
 
+from ._dispatch import TRITON_RANGE, KernelBuildError
 from .oca import oca
 from .synergy import PARAM_NAMES as SYNERGY_PARAM_NAMES
 from .synergy import synergy_block
 
-__all__ = ["oca", "synergy_block", "SYNERGY_PARAM_NAMES"]
+__all__ = ["oca", "synergy_block", "SYNERGY_PARAM_NAMES", "KernelBuildError", "TRITON_RANGE"]

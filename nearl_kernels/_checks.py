@@ -2,7 +2,7 @@
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def check_tensor(name: str, t, ndim: int, shape_doc: str) -> None:
@@ -10,9 +10,21 @@ def check_tensor(name: str, t, ndim: int, shape_doc: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor {shape_doc}; got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16; got {t.dtype}")
+        raise TypeError(f"{name} must be float64, float32, bfloat16 or float16; got {t.dtype}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {shape_doc}; got shape {tuple(t.shape)}")
+
+
+def reference_dtype(t: torch.Tensor) -> torch.dtype:
+    """The reference maths' compute dtype: float64 for a float64 input (the oracle), else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def check_fusable(op: str, *tensors: torch.Tensor) -> None:
+    """The kernels compute in float32 at most: float64 is the reference's, refused in one line."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        raise TypeError(f"{op}(fused=True) runs float32, bfloat16 or float16; float64 is the reference maths' "
+                        "dtype: pass fused=False (NearlCLIP(..., fused=False)) for a float64 run")
 
 
 def check_shape(name: str, t: torch.Tensor, expected: tuple, shape_doc: str) -> None:

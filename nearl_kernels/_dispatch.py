@@ -2,8 +2,61 @@
 
 import functools
 import os
+import traceback
 
 import torch
+
+# The Triton releases every kernel specialisation of the default envelope is
+# proven to build on (sm_90 and sm_80, no spills: the compile gate), inclusive.
+# setup.py pins the same range; benchmarks/results/compile_gate/ holds each
+# release's table.
+TRITON_RANGE = ("3.4", "3.9")
+
+
+class KernelBuildError(RuntimeError):
+    """A Triton kernel failed to compile on this machine's stack; the message is one line
+    naming the kernel, the Triton release and the supported range."""
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def triton_supported(version: str) -> bool:
+    minor = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    low, high = (tuple(int(p) for p in v.split(".")) for v in TRITON_RANGE)
+    return low <= minor <= high
+
+
+def _is_build_error(err: BaseException) -> bool:
+    """Raised while compiling, not while running: Triton's compile errors, a resource
+    limit met at load, or anything raised from inside its compiler (ptxas included)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    if isinstance(err, (CompilationError, OutOfResources)):
+        return True
+    files = [frame.filename.replace(os.sep, "/") for frame in traceback.extract_tb(err.__traceback__)]
+    return any("/triton/compiler/" in f or ("/triton/backends/" in f and f.endswith("compiler.py")) for f in files)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, with a failed build turned into one KernelBuildError."""
+    try:
+        return kernel[grid](*args, **kwargs)
+    except Exception as err:
+        if not _is_build_error(err):
+            raise
+        version = triton_version()
+        where = "" if triton_supported(version) else ", which is outside that range"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1].strip()[:200]
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+        raise KernelBuildError(
+            f"the Triton kernel {name} did not build with triton {version} (nearl supports triton "
+            f"{TRITON_RANGE[0]} to {TRITON_RANGE[1]}{where}): {type(err).__name__}: {reason}. --no-fused "
+            "(fused=False in Python) runs the reference maths instead") from None
 
 
 def interpreting() -> bool:

@@ -98,6 +98,31 @@ class NearlCLIP(nn.Module):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def build_kernels(self, texts: torch.Tensor, dtype: Optional[torch.dtype] = None, backward: bool = True) -> None:
+        """Compile every Triton kernel a step launches, on a throw-away batch of two blank images.
+
+        On CUDA with ``fused=True`` this turns a kernel that does not build on this machine's
+        Triton into one :class:`nearl_kernels.KernelBuildError` before any training or scoring
+        starts; elsewhere nothing is compiled and it returns at once. Gradients are left as they were.
+
+        Args:
+            texts: the run's prompt tokens (K, n), on the model's device.
+            dtype: the autocast dtype the run uses (None: no autocast).
+            backward: build the backward kernels too (training).
+        """
+        device = texts.device
+        if not (self.fused and device.type == "cuda"):
+            return
+        images = torch.zeros(2, self.image_tower.in_channels, *self.image_size, device=device)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        grads = [p.grad for p in trainable]
+        with torch.set_grad_enabled(backward), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = self(images, texts)
+        if backward:
+            torch.autograd.grad(logits.float().sum(), trainable, allow_unused=True)
+        for p, g in zip(trainable, grads):
+            p.grad = g
+
     def _check_inputs(self, images: torch.Tensor, texts: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise TypeError(
