@@ -31,7 +31,8 @@ import torch.distributed as dist
 from ._cli import CLIError, HelpFormatter, pick_device
 from ._io import atomic_write, atomic_write_text
 from ._progress import Progress
-from .backbones import create_clip
+from .backbones import (activation_bytes, check_model_config, check_model_memory, create_clip, model_config,
+                        physical_memory)
 from .clip import NearlCLIP
 from .config import NearlConfig
 from .data import DataError, DataSplits, LabeledImages, few_shot, load_dataset
@@ -137,6 +138,11 @@ def resolve_config(args) -> NearlConfig:
             raise CLIError(f"cannot read --config {args.config!r}: {err}") from err
     if args.mode is not None:
         config = NearlConfig.from_dict({**config.to_dict(), "mode": args.mode})
+    if args.fused:
+        try:
+            config.check_fused()
+        except ValueError as err:
+            raise CLIError(f"--config {args.config!r}: {err}" if args.config else str(err)) from err
     return config
 
 
@@ -144,13 +150,33 @@ def build_model(args, config: NearlConfig) -> NearlCLIP:
     """The backbone and fresh adapters; seeded, so a random-init backbone is reproducible."""
     torch.manual_seed(args.seed)
     try:
+        # The config's fields and the memory it needs are checked before anything is allocated.
+        cfg, _ = model_config(args.model)
+        world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+        per_process = max(1, args.batch_size // world)
+        activations = activation_bytes(cfg, per_process, per_process * 2 if config.mode == "paired" else 2)
+        if args.precision != "fp32":
+            activations //= 2
+        check_model_memory(check_model_config(cfg, args.model), args.model, activations,
+                           f"at --batch-size {args.batch_size}", _device_memory(args.device))
         clip = create_clip(args.model, args.pretrained)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise CLIError(str(err)) from err
     try:
         return NearlCLIP(clip, config, fused=args.fused)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise CLIError(str(err)) from err
+
+
+def _device_memory(device: str) -> int:
+    """Bytes of memory on the device a run will use (this machine's memory for the CPU; 0 if unknown)."""
+    try:
+        if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+            index = torch.device(device).index if device.startswith("cuda") else None
+            return torch.cuda.get_device_properties(index or 0).total_memory
+    except (RuntimeError, AssertionError, ValueError):
+        return 0
+    return physical_memory()
 
 
 def make_prompts(args, classes: List[str]) -> List[str]:
@@ -165,14 +191,15 @@ def make_prompts(args, classes: List[str]) -> List[str]:
         if not isinstance(descriptions, dict) or not all(isinstance(v, str) for v in descriptions.values()):
             raise CLIError(f"--descriptions {args.descriptions!r} must be a JSON object {{class: description}}")
     template = args.prompt or default_template(args.data)
-    words = [descriptions.get(c, c.replace("_", " ")) for c in classes]
     unknown = sorted(set(descriptions) - set(classes))
     if unknown:
         raise CLIError(f"--descriptions names classes that do not exist: {unknown}; classes are {classes}")
+    words = {c: descriptions.get(c, c.replace("_", " ")) for c in classes}
     try:
-        return class_prompts(words, template)
+        return class_prompts(classes, template, words)
     except ValueError as err:
-        raise CLIError(str(err)) from err
+        flag = "--prompt: " if args.prompt and "template" in str(err) else ""
+        raise CLIError(f"{flag}{err}") from err
 
 
 def lr_lambda(total: int, warmup: int):
@@ -270,7 +297,10 @@ def load_checkpoint(path: str, key: Dict) -> Dict:
         for name in ("adapter", "optimizer", "scheduler", "scaler", "rng", "history", "epoch"):
             state[name]
     except Exception as err:  # torch.load raises many types for a damaged file
+        # torch's text for a pickled object suggests weights_only=False, which would run code from the file.
         reason = (str(err).strip().splitlines() or [""])[0][:200]
+        if "weights_only" in reason or "pickle" in reason.lower():
+            reason = "it holds pickled Python objects other than tensors, which are never loaded"
         raise CLIError(f"--resume: checkpoint {path!r} is unreadable ({type(err).__name__}: {reason}); "
                        "start the run again with --overwrite") from err
     if saved != key:
