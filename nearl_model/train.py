@@ -16,7 +16,6 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,8 @@ import torch.distributed as dist
 
 from ._cli import CLIError, HelpFormatter, pick_device
 from ._io import atomic_write, atomic_write_text
+from .adapter_io import file_identity as _file_identity
+from .adapter_io import resolved
 from ._progress import Progress
 from .backbones import (activation_bytes, check_model_config, check_model_memory, create_clip, model_config,
                         physical_memory)
@@ -37,7 +38,7 @@ from .clip import NearlCLIP
 from .config import NearlConfig
 from .data import DataError, DataSplits, LabeledImages, few_shot, load_dataset
 from .metrics import classification_metrics, format_per_class, format_scores, plot_confusion, plot_curves
-from .prompts import class_prompts, default_template, tokenize_prompts
+from .prompts import check_template, class_prompts, default_template, tokenize_prompts
 from .run_dir import RunDir, RunDirError
 
 DEFAULT_EPOCHS = 20
@@ -102,6 +103,11 @@ def check_args(args) -> None:
         value = getattr(args, flag)
         if not (math.isfinite(value) and ok(value)):
             raise CLIError(f"--{flag.replace('_', '-')} must be a finite number {rule}; got {value}")
+    if args.prompt is not None:
+        try:
+            check_template(args.prompt)
+        except ValueError as err:
+            raise CLIError(f"--prompt: {err}") from err
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -257,28 +263,22 @@ def evaluate(model, dataset, texts, classes, device, precision, desc: str = "eva
     return classification_metrics(dataset.labels, probs, classes)
 
 
-def _file_identity(path: Optional[str]) -> Optional[str]:
-    """A tag as it is; a file by its size and a digest of its first and last MiB (cheap, content-based)."""
-    if not path or not os.path.isfile(path):
-        return path
-    size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read())
-    return f"file of {size} bytes, sha256 of its ends {h.hexdigest()[:16]}"
-
-
 def run_key(args, config: NearlConfig, data: DataSplits, fingerprint: str, prompts: List[str],
             weights: str) -> Dict:
-    """What a resumed run must share with the run that wrote the checkpoint: contents, not paths."""
-    settings = ("model", "shots", "seed", "epochs", "min_steps", "batch_size", "accum", "lr", "weight_decay", "warmup",
+    """What a resumed run must share with the run that wrote the checkpoint: contents, not paths.
+
+    Files (a model JSON, a weights file, the data) enter by their contents, so
+    ``./d`` for ``d``, another working directory or a moved file resume the
+    same run.
+    """
+    settings = ("shots", "seed", "epochs", "min_steps", "batch_size", "accum", "lr", "weight_decay", "warmup",
                 "grad_clip", "precision", "max_steps")
+    weights_file = bool(args.pretrained) and os.path.isfile(args.pretrained)
     return {
         "config": config.to_dict(), "classes": data.classes, "prompts": prompts, "data": fingerprint,
-        "pretrained": _file_identity(args.pretrained), "model_file": _file_identity(args.model),
-        "weights": weights, **{k: getattr(args, k) for k in settings},
+        "model": _file_identity(args.model), "pretrained": _file_identity(args.pretrained),
+        # For a weights file, "weights" would only repeat its path; its contents are "pretrained".
+        "weights": "a weights file" if weights_file else weights, **{k: getattr(args, k) for k in settings},
     }
 
 
@@ -507,8 +507,10 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
 
 def run_record(args, data: DataSplits, fingerprint: str, prompts: List[str]) -> Dict:
     """What evaluate and predict need to rebuild this run: backbone, data and its split, classes, prompts."""
-    return {"model": args.model, "pretrained": args.pretrained, "seed": args.seed, "classes": data.classes,
-            "prompts": prompts, "data": os.path.abspath(args.data) if args.data else None,
+    return {"model": resolved(args.model), "model_file": _file_identity(args.model),
+            "pretrained": resolved(args.pretrained), "pretrained_file": _file_identity(args.pretrained),
+            "seed": args.seed, "classes": data.classes, "prompts": prompts,
+            "data": os.path.realpath(args.data) if args.data else None,
             "data_fingerprint": fingerprint, "shots": args.shots, "precision": args.precision}
 
 
