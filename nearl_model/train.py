@@ -299,7 +299,7 @@ def load_checkpoint(path: str, key: Dict) -> Dict:
     except Exception as err:  # torch.load raises many types for a damaged file
         # torch's text for a pickled object suggests weights_only=False, which would run code from the file.
         reason = (str(err).strip().splitlines() or [""])[0][:200]
-        if "weights_only" in reason or "pickle" in reason.lower():
+        if "weights_only" in str(err) or "weights only" in str(err).lower() or "pickle" in str(err).lower():
             reason = "it holds pickled Python objects other than tensors, which are never loaded"
         raise CLIError(f"--resume: checkpoint {path!r} is unreadable ({type(err).__name__}: {reason}); "
                        "start the run again with --overwrite") from err
