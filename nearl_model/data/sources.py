@@ -55,14 +55,13 @@ def load_dataset(
                           f"SYNTHETIC DEMO: {sum(DEMO_SIZES.values())} generated X-ray-like images, no real patients")
     if not os.path.exists(data):
         raise DataError(f"data path {data!r} does not exist")
+    origins = None
     if data.lower().endswith(".npz"):
         out = _load_npz(data, image_size)
     elif data.lower().endswith(".csv"):
         out, origins = _load_csv(data, image_size)
-        _identify(out, origins, repr(data))
     elif os.path.isdir(data):
         out, origins = _load_folder(data, image_size)
-        _identify(out, origins, repr(data))
     else:
         raise DataError(f"data {data!r} must be a directory, a .csv or a .npz file")
     if classes:
@@ -74,6 +73,9 @@ def load_dataset(
             out.classes = names
         else:
             _remap(out, names, classes if isinstance(classes, str) else "the class list")
+    if origins is not None:
+        # After the cheap checks of the layout and the class names, before any split is carved.
+        _identify(out, origins, repr(data))
     fill_missing_splits(out, seed, val_fraction, test_fraction)
     check_layout(out, repr(data))
     _decode_all(out)
@@ -124,8 +126,9 @@ def _identify(data: DataSplits, origins: Dict[str, List[str]], source: str) -> N
             same = "the same file" if real[split0.items[i0]] == real[split.items[i]] else \
                 "the same image (identical bytes)"
             if split0.labels[i0] != split.labels[i]:
-                raise DataError(f"{source}: {a} and {b} are {same} under two labels, {data.classes[split0.labels[i0]]!r} "
-                                f"and {data.classes[split.labels[i]]!r}; an image has one label: remove one of them")
+                label_a, label_b = data.classes[split0.labels[i0]], data.classes[split.labels[i]]
+                raise DataError(f"{source}: {a} and {b} are {same} under two labels, {label_a!r} and {label_b!r}; "
+                                "an image has one label: remove one of them")
             if name0 != name:
                 raise DataError(f"{source}: {a} in the {name0} split and {b} in the {name} split are {same}; an image "
                                 "in two splits leaks into the scores: keep it in one")
