@@ -42,6 +42,7 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
     """The flags evaluate and predict share; the rest of a run's settings come from its record."""
     p.add_argument("--adapter", required=True, help="adapter.safetensors written by nearl_model.train")
     p.add_argument("--pretrained", help="backbone weights, if not where the training run found them")
+    p.add_argument("--model", help="the backbone's model JSON, if not where the training run found it")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="route the adapters through the nearl_kernels ops (Triton on CUDA)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
@@ -55,7 +56,7 @@ def load_run(args):
 
     device = pick_device(args.device)
     try:
-        model, run, texts = load_trained(args.adapter, args.pretrained, fused=args.fused)
+        model, run, texts = load_trained(args.adapter, args.pretrained, fused=args.fused, model=args.model)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as err:
         raise CLIError(str(err)) from err
     precision = args.precision or run.get("precision", "fp32")

@@ -193,7 +193,17 @@ def load_pretrained_file(clip: nn.Module, path: str) -> None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"pretrained checkpoint {path!r} does not exist; if it moved, pass its "
                                 f"current path (--pretrained /new/path)")
-        open_clip.load_checkpoint(clip, path)
+        if not hasattr(getattr(clip, "visual", None), "trunk"):
+            raise ValueError(f"pretrained checkpoint {path!r} is a .npz, the big_vision format of SigLIP weights, but "
+                             "this model's image tower is not a timm SigLIP trunk; pass a SigLIP --model "
+                             "(e.g. ViT-B-16-SigLIP), or a .safetensors/.pt checkpoint of this model")
+        try:
+            open_clip.load_checkpoint(clip, path)
+        except Exception as err:  # numpy, zipfile and open_clip's key mapping raise many types
+            # numpy's own text suggests allow_pickle, which would run code from the file: never passed on.
+            raise ValueError(f"pretrained checkpoint {path!r} is not a readable big_vision .npz of this model "
+                             f"({type(err).__name__}: damaged, truncated, holding pickled objects, which are never "
+                             "loaded, or from another architecture); download it again") from err
         return
     # Validated here first: open_clip's own loader would end a corrupt file in a bare KeyError.
     # The tensors are read once more by open_clip, for its key conversions.
@@ -205,6 +215,160 @@ def load_pretrained_file(clip: nn.Module, path: str) -> None:
             f"pretrained checkpoint {path!r} does not fit this architecture ({str(err).splitlines()[0]}); "
             "pass the model name or open_clip_config.json the checkpoint was trained with as --model"
         ) from err
+
+
+# What a model config may ask for: far above every open_clip architecture (ViT-bigG: 48 layers, width 1664;
+# EVA-CLIP-8B: width 4096), far below a size that only an allocator error would stop.
+MAX_LAYERS = 256
+MAX_WIDTH = 16384
+MAX_IMAGE_SIZE = 4096
+MAX_CONTEXT = 4096
+MAX_VOCAB = 4_194_304
+MAX_MLP_RATIO = 64
+# The ids open_clip's SimpleTokenizer (CLIP's BPE) gives; a text tower using it needs this many embeddings.
+SIMPLE_TOKENIZER_IDS = 49408
+
+
+def _int_field(source: str, name: str, value, low: int, high: int, why: str = "") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"model config {source}: {name} = {value!r} must be an int in {low}..{high}{why}")
+    return value
+
+
+def _ratio_field(source: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_MLP_RATIO:
+        raise ValueError(f"model config {source}: {name} = {value!r} must be a number in (0, {MAX_MLP_RATIO}]")
+    return float(value)
+
+
+def _image_side(source: str, value) -> int:
+    sides = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(sides) not in (1, 2):
+        raise ValueError(f"model config {source}: vision_cfg.image_size = {value!r} must be an int or [height, width]")
+    return min(_int_field(source, "vision_cfg.image_size", v, 1, MAX_IMAGE_SIZE) for v in sides)
+
+
+def check_model_config(cfg: dict, model: Union[str, dict]) -> int:
+    """Check an open_clip model config against what can be built, before anything is allocated.
+
+    Every size open_clip's own towers read is an int in a bounded range,
+    heads divide widths, a patch fits in the image, and a text tower using
+    CLIP's tokenizer has an embedding for each of its ids. Fields of timm or
+    Hugging Face towers are left to those libraries.
+
+    Args:
+        cfg: the model config (``embed_dim``, ``vision_cfg``, ``text_cfg``).
+        model: where it came from, for the message (a name, a file, a dict).
+
+    Returns:
+        the estimated number of parameters (0 for parts that cannot be
+        estimated, such as timm trunks), for :func:`check_model_memory`.
+
+    Raises:
+        ValueError: naming the source, the field, the value and the bound,
+            e.g. ``model config 'big.json': vision_cfg.layers = 0 must be an int in 1..256``.
+    """
+    source = repr(model) if isinstance(model, str) else "(the config dict)"
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    embed = _int_field(source, "embed_dim", cfg.get("embed_dim"), 1, MAX_WIDTH)
+    n = 0
+    side = _image_side(source, vision.get("image_size", 224))
+    if not vision.get("timm_model_name"):
+        layers = vision.get("layers", 12)
+        width = _int_field(source, "vision_cfg.width", vision.get("width", 768), 1, MAX_WIDTH)
+        if isinstance(layers, (list, tuple)):
+            # open_clip's ModifiedResNet: four stages of bottleneck blocks, width the first stage's channels.
+            if len(layers) != 4:
+                raise ValueError(f"model config {source}: vision_cfg.layers = {layers!r} must be an int (ViT) or "
+                                 "four ints (ResNet stages)")
+            blocks = sum(_int_field(source, "vision_cfg.layers[]", v, 1, MAX_LAYERS) for v in layers)
+            n += 17 * blocks * (4 * width) ** 2
+        else:
+            layers = _int_field(source, "vision_cfg.layers", layers, 1, MAX_LAYERS)
+            head_width = _int_field(source, "vision_cfg.head_width", vision.get("head_width", 64), 1, width,
+                                    f" (at most vision_cfg.width = {width})")
+            if width % head_width:
+                raise ValueError(f"model config {source}: vision_cfg.width = {width} must be a multiple of "
+                                 f"vision_cfg.head_width = {head_width}")
+            patch = _int_field(source, "vision_cfg.patch_size", vision.get("patch_size", 16), 1, side,
+                               f" (at most vision_cfg.image_size = {side}: a patch larger than the image gives no "
+                               "tokens)")
+            mlp = _ratio_field(source, "vision_cfg.mlp_ratio", vision.get("mlp_ratio", 4.0))
+            grid = (side // patch) ** 2
+            n += layers * (4 + 2 * mlp) * width ** 2 + 3 * patch ** 2 * width + (grid + 1) * width + width * embed
+    context = _int_field(source, "text_cfg.context_length", text.get("context_length", 77), 2, MAX_CONTEXT)
+    if not text.get("hf_model_name"):
+        width = _int_field(source, "text_cfg.width", text.get("width", 512), 1, MAX_WIDTH)
+        heads = _int_field(source, "text_cfg.heads", text.get("heads", 8), 1, width,
+                           f" (at most text_cfg.width = {width})")
+        if width % heads:
+            raise ValueError(f"model config {source}: text_cfg.width = {width} must be a multiple of "
+                             f"text_cfg.heads = {heads}")
+        layers = _int_field(source, "text_cfg.layers", text.get("layers", 12), 1, MAX_LAYERS)
+        mlp = _ratio_field(source, "text_cfg.mlp_ratio", text.get("mlp_ratio", 4.0))
+        simple = not text.get("hf_tokenizer_name") and not (isinstance(model, str) and "siglip" in model.lower())
+        low = SIMPLE_TOKENIZER_IDS if simple else 1
+        vocab = _int_field(source, "text_cfg.vocab_size", text.get("vocab_size", 49408), low, MAX_VOCAB,
+                           " (CLIP's tokenizer gives ids up to 49407)" if simple else "")
+        n += layers * (4 + 2 * mlp) * width ** 2 + (vocab + context) * width + width * embed
+    return int(n)
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes (0 where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_model_memory(n_params: int, model: Union[str, dict], activations: int = 0, where: str = "",
+                       available: Optional[int] = None) -> None:
+    """Refuse a model whose fp32 parameters (plus ``activations`` bytes) cannot fit in ``available`` bytes.
+
+    Args:
+        n_params: the estimate of :func:`check_model_config`.
+        model: the model, for the message.
+        activations: estimated activation bytes of a training batch (see
+            :func:`activation_bytes`), 0 to check the parameters alone.
+        where: how that batch was sized, for the message (``"at --batch-size 32"``).
+        available: bytes to compare with; this machine's memory by default.
+
+    Raises:
+        ValueError: with the estimate and the memory it exceeds.
+    """
+    available = physical_memory() if available is None else available
+    need = 4 * n_params + activations
+    if available and need > available:
+        source = repr(model) if isinstance(model, str) else "(the config dict)"
+        parts = f"{n_params / 1e6:,.0f}M parameters ({4 * n_params / 2 ** 30:,.1f} GiB in fp32)"
+        if activations:
+            parts += f" and about {activations / 2 ** 30:,.1f} GiB of activations {where}".rstrip()
+        raise ValueError(f"model config {source}: {parts} need more than the {available / 2 ** 30:,.1f} GiB of "
+                         "memory here; use a smaller model" + (" or a smaller --batch-size" if activations else ""))
+
+
+def activation_bytes(cfg: dict, images: int, texts: int) -> int:
+    """Estimated bytes a training step keeps for backward through the frozen towers.
+
+    Gradients reach the adapters in every layer, so each block keeps its
+    inputs, attention probabilities and MLP activations for ``images`` image
+    and ``texts`` text sequences (full context: an upper bound).
+    """
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    total = 0
+    if not vision.get("timm_model_name") and isinstance(vision.get("layers", 12), int):
+        side = min(vision.get("image_size", 224)) if isinstance(vision.get("image_size"), (list, tuple)) else \
+            vision.get("image_size", 224)
+        width, patch = vision.get("width", 768), vision.get("patch_size", 16)
+        tokens, heads = (side // patch) ** 2 + 1, max(1, width // vision.get("head_width", 64))
+        per_token = (8 + 2 * vision.get("mlp_ratio", 4.0)) * width + heads * tokens
+        total += images * tokens * vision.get("layers", 12) * per_token
+    if not text.get("hf_model_name"):
+        tokens, width = text.get("context_length", 77), text.get("width", 512)
+        per_token = (8 + 2 * text.get("mlp_ratio", 4.0)) * width + text.get("heads", 8) * tokens
+        total += texts * tokens * text.get("layers", 12) * per_token
+    return int(4 * total)
 
 
 def _looks_like_path(value: str) -> bool:
@@ -269,6 +433,7 @@ def model_config(model: Union[str, dict]) -> Tuple[dict, Optional[Path]]:
     if not isinstance(cfg.get("vision_cfg"), dict) or not isinstance(cfg.get("text_cfg"), dict):
         what = repr(model) if isinstance(model, str) else "the model config dict"
         raise ValueError(f"bad model config in {what}: expected open_clip's embed_dim, vision_cfg, text_cfg")
+    check_model_memory(check_model_config(cfg, model), model)
     return cfg, base_dir
 
 
@@ -475,6 +640,17 @@ def _generated_tokenizer_dir() -> Path:
     return folder
 
 
+def _check_vocab(model: Union[str, dict], text_cfg: dict, n_ids: int) -> None:
+    """An open_clip text tower needs an embedding for every id its tokenizer gives."""
+    if text_cfg.get("hf_model_name"):
+        return
+    vocab = text_cfg.get("vocab_size", SIMPLE_TOKENIZER_IDS)
+    if vocab < n_ids:
+        source = repr(model) if isinstance(model, str) else "(the config dict)"
+        raise ValueError(f"model config {source}: text_cfg.vocab_size = {vocab} is below the {n_ids} ids its "
+                         f"tokenizer {text_cfg.get('hf_tokenizer_name')!r} gives; set it to at least {n_ids}")
+
+
 def get_tokenizer(
     model: Union[str, dict], context_length: Optional[int] = None, pretrained: Optional[str] = None
 ) -> Tuple[Callable, dict]:
@@ -525,9 +701,11 @@ def get_tokenizer(
         try:
             with _hub_guard():
                 tokenizer = HFTokenizer(str(source), context_length=context_length, **kwargs)
-            return tokenizer, text_cfg
         except Exception as err:  # transformers raises OSError, ValueError or its own types
             errors.append(f"{source}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            continue
+        _check_vocab(model, text_cfg, len(tokenizer.tokenizer))
+        return tokenizer, text_cfg
     bundled = isinstance(model, str) and model in BUNDLED_MODELS
     # The same condition under which create_clip built the bundled architecture at random init.
     if bundled and not pretrained and not _hub_repo_available(BUNDLED_MODELS[model][0][len("hf-hub:"):]):

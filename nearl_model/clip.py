@@ -50,6 +50,8 @@ class NearlCLIP(nn.Module):
         config = config or NearlConfig()
         if not isinstance(config, NearlConfig):
             raise TypeError(f"config must be a NearlConfig; got {type(config).__name__}")
+        if fused:
+            config.check_fused()
         # Plain objects, not submodules: the backbone's parameters stay registered once, under clip.
         self.image_tower, self.text_tower = check_supported(clip)
         self.clip = clip

@@ -79,3 +79,35 @@ class NearlConfig:
     @classmethod
     def from_json(cls, text: str) -> "NearlConfig":
         return cls.from_dict(json.loads(text))
+
+    def check_fused(self) -> None:
+        """Raise ValueError unless the fused kernels can run this configuration.
+
+        ``SIZE_LIMITS`` bound what the reference maths (``fused=False``) runs;
+        the kernels hold an adapter's tiles in registers and take less: the
+        bounds come from ``nearl_kernels`` itself, so the two never disagree.
+
+        Raises:
+            ValueError: naming the field, its value and the bound, e.g.
+                ``r = 64 is above 32, the widest adapter the fused kernels run``.
+        """
+        from nearl_kernels.oca import ops as oca_ops
+        from nearl_kernels.synergy import ops as synergy_ops
+
+        bounds = (("r", min(oca_ops.MAX_WIDTH, synergy_ops.MAX_WIDTH), "the widest adapter"),
+                  ("n_queries", min(oca_ops.MAX_QUERIES, synergy_ops.MAX_QUERIES), "the most synergy queries"))
+        for name, most, what in bounds:
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} = {getattr(self, name)} is above {most}, {what} the fused kernels run; "
+                                 f"use {name} <= {most}, or the reference maths (--no-fused, fused=False)")
+        tile = _tile(self.r) * _tile(self.n_queries)
+        if tile > oca_ops.MAX_TILE_PRODUCT:
+            raise ValueError(f"r = {self.r} with n_queries = {self.n_queries} is outside the fused kernels' envelope: "
+                             f"their tiles, {_tile(self.r)} x {_tile(self.n_queries)} = {tile}, must be at most "
+                             f"{oca_ops.MAX_TILE_PRODUCT}; lower one of them, or use the reference maths (--no-fused, "
+                             "fused=False)")
+
+
+def _tile(n: int) -> int:
+    """The kernels' block size for a dimension of ``n``: a power of two, at least 16."""
+    return max(16, 1 << (n - 1).bit_length())

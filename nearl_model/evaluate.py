@@ -44,6 +44,9 @@ def _evaluate(args) -> int:
     if args.data is None and "data" not in run:
         raise CLIError(f"adapter {args.adapter!r} does not record its training data; pass --data and --seed")
     data_path = args.data if args.data is not None else run["data"]
+    if args.data is None and data_path and not os.path.exists(data_path):
+        raise CLIError(f"the training data {data_path!r} of this run is not there any more (moved?); pass its new "
+                       "place with --data")
     seed = args.seed if args.seed is not None else run["seed"]
     data = load_dataset(data_path, model.image_size[0], classes=run["classes"], seed=seed)
     same_data = args.data is None and args.seed is None

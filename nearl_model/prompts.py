@@ -1,5 +1,6 @@
 """Class names -> prompts -> token ids, through the backbone's own tokenizer."""
 
+import string
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -14,6 +15,33 @@ DEMO_TEMPLATE = "a chest X-ray showing {}."
 def default_template(data: Optional[str]) -> str:
     """The prompt template when none is given: the demo's for ``data=None``, the generic one otherwise."""
     return DEMO_TEMPLATE if data is None else DEFAULT_TEMPLATE
+
+
+def check_template(template: str) -> None:
+    """Refuse a prompt template unless it has exactly one bare ``{}`` and no other replacement field.
+
+    ``{x}``, ``{0}``, ``{:>5}`` and ``{!r}`` would raise KeyError or IndexError
+    inside ``str.format`` (or format the class name in some other way); literal
+    braces are written ``{{`` and ``}}``.
+
+    Raises:
+        ValueError: naming the template and the field that is wrong.
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"the prompt template must be a string with one '{{}}'; got {template!r}")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"the prompt template {template!r} is not a valid format string ({err}); write literal "
+                         "braces as '{{' and '}}'") from None
+    other = [f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}" for name, spec, conv in fields
+             if name or spec or conv]
+    if other:
+        raise ValueError(f"the prompt template {template!r} has the field {other[0]!r}; a template takes exactly "
+                         "one bare '{}' (the class name) and no other fields; write literal braces as '{{' and '}}'")
+    if len(fields) != 1:
+        raise ValueError(f"the prompt template must contain exactly one '{{}}' (the class name); got {template!r}, "
+                         f"which has {len(fields)}")
 
 
 def class_prompts(
@@ -32,13 +60,30 @@ def class_prompts(
     """
     if isinstance(class_names, str) or len(class_names) == 0:
         raise ValueError(f"class_names must be a non-empty list of class names; got {class_names!r}")
-    if template.count("{}") != 1:
-        raise ValueError(f"the prompt template must contain exactly one '{{}}'; got {template!r}")
+    check_template(template)
     descriptions = descriptions or {}
     unknown = sorted(set(descriptions) - set(class_names))
     if unknown:
         raise ValueError(f"descriptions name classes that do not exist: {unknown}; classes are {list(class_names)}")
-    return [template.format(descriptions.get(name, name)) for name in class_names]
+    prompts = [template.format(descriptions.get(name, name)) for name in class_names]
+    check_distinct(class_names, prompts)
+    return prompts
+
+
+def check_distinct(class_names: Sequence[str], prompts: Sequence[str]) -> None:
+    """Refuse two classes whose prompts are the same text: the model could never tell them apart.
+
+    Raises:
+        ValueError: naming both classes and the prompt they share.
+    """
+    seen = {}
+    for name, prompt in zip(class_names, prompts):
+        # Case and spacing make no difference to most tokenizers (CLIP's lower-cases and splits on spaces).
+        key = " ".join(prompt.lower().split())
+        if key in seen:
+            raise ValueError(f"classes {seen[key]!r} and {name!r} get the same prompt {prompt!r}, so the model "
+                             "cannot tell them apart; rename one, or give one a description")
+        seen[key] = name
 
 
 def tokenize_prompts(

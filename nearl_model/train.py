@@ -16,7 +16,6 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -30,13 +29,16 @@ import torch.distributed as dist
 
 from ._cli import CLIError, HelpFormatter, pick_device
 from ._io import atomic_write, atomic_write_text
+from .adapter_io import file_identity as _file_identity
+from .adapter_io import resolved
 from ._progress import Progress
-from .backbones import create_clip
+from .backbones import (activation_bytes, check_model_config, check_model_memory, create_clip, model_config,
+                        physical_memory)
 from .clip import NearlCLIP
 from .config import NearlConfig
 from .data import DataError, DataSplits, LabeledImages, few_shot, load_dataset
 from .metrics import classification_metrics, format_per_class, format_scores, plot_confusion, plot_curves
-from .prompts import class_prompts, default_template, tokenize_prompts
+from .prompts import check_template, class_prompts, default_template, tokenize_prompts
 from .run_dir import RunDir, RunDirError
 
 DEFAULT_EPOCHS = 20
@@ -101,6 +103,11 @@ def check_args(args) -> None:
         value = getattr(args, flag)
         if not (math.isfinite(value) and ok(value)):
             raise CLIError(f"--{flag.replace('_', '-')} must be a finite number {rule}; got {value}")
+    if args.prompt is not None:
+        try:
+            check_template(args.prompt)
+        except ValueError as err:
+            raise CLIError(f"--prompt: {err}") from err
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -137,6 +144,11 @@ def resolve_config(args) -> NearlConfig:
             raise CLIError(f"cannot read --config {args.config!r}: {err}") from err
     if args.mode is not None:
         config = NearlConfig.from_dict({**config.to_dict(), "mode": args.mode})
+    if args.fused:
+        try:
+            config.check_fused()
+        except ValueError as err:
+            raise CLIError(f"--config {args.config!r}: {err}" if args.config else str(err)) from err
     return config
 
 
@@ -144,13 +156,33 @@ def build_model(args, config: NearlConfig) -> NearlCLIP:
     """The backbone and fresh adapters; seeded, so a random-init backbone is reproducible."""
     torch.manual_seed(args.seed)
     try:
+        # The config's fields and the memory it needs are checked before anything is allocated.
+        cfg, _ = model_config(args.model)
+        world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+        per_process = max(1, args.batch_size // world)
+        activations = activation_bytes(cfg, per_process, per_process * 2 if config.mode == "paired" else 2)
+        if args.precision != "fp32":
+            activations //= 2
+        check_model_memory(check_model_config(cfg, args.model), args.model, activations,
+                           f"at --batch-size {args.batch_size}", _device_memory(args.device))
         clip = create_clip(args.model, args.pretrained)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise CLIError(str(err)) from err
     try:
         return NearlCLIP(clip, config, fused=args.fused)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise CLIError(str(err)) from err
+
+
+def _device_memory(device: str) -> int:
+    """Bytes of memory on the device a run will use (this machine's memory for the CPU; 0 if unknown)."""
+    try:
+        if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+            index = torch.device(device).index if device.startswith("cuda") else None
+            return torch.cuda.get_device_properties(index or 0).total_memory
+    except (RuntimeError, AssertionError, ValueError):
+        return 0
+    return physical_memory()
 
 
 def make_prompts(args, classes: List[str]) -> List[str]:
@@ -165,14 +197,15 @@ def make_prompts(args, classes: List[str]) -> List[str]:
         if not isinstance(descriptions, dict) or not all(isinstance(v, str) for v in descriptions.values()):
             raise CLIError(f"--descriptions {args.descriptions!r} must be a JSON object {{class: description}}")
     template = args.prompt or default_template(args.data)
-    words = [descriptions.get(c, c.replace("_", " ")) for c in classes]
     unknown = sorted(set(descriptions) - set(classes))
     if unknown:
         raise CLIError(f"--descriptions names classes that do not exist: {unknown}; classes are {classes}")
+    words = {c: descriptions.get(c, c.replace("_", " ")) for c in classes}
     try:
-        return class_prompts(words, template)
+        return class_prompts(classes, template, words)
     except ValueError as err:
-        raise CLIError(str(err)) from err
+        flag = "--prompt: " if args.prompt and "template" in str(err) else ""
+        raise CLIError(f"{flag}{err}") from err
 
 
 def lr_lambda(total: int, warmup: int):
@@ -230,28 +263,22 @@ def evaluate(model, dataset, texts, classes, device, precision, desc: str = "eva
     return classification_metrics(dataset.labels, probs, classes)
 
 
-def _file_identity(path: Optional[str]) -> Optional[str]:
-    """A tag as it is; a file by its size and a digest of its first and last MiB (cheap, content-based)."""
-    if not path or not os.path.isfile(path):
-        return path
-    size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read())
-    return f"file of {size} bytes, sha256 of its ends {h.hexdigest()[:16]}"
-
-
 def run_key(args, config: NearlConfig, data: DataSplits, fingerprint: str, prompts: List[str],
             weights: str) -> Dict:
-    """What a resumed run must share with the run that wrote the checkpoint: contents, not paths."""
-    settings = ("model", "shots", "seed", "epochs", "min_steps", "batch_size", "accum", "lr", "weight_decay", "warmup",
+    """What a resumed run must share with the run that wrote the checkpoint: contents, not paths.
+
+    Files (a model JSON, a weights file, the data) enter by their contents, so
+    ``./d`` for ``d``, another working directory or a moved file resume the
+    same run.
+    """
+    settings = ("shots", "seed", "epochs", "min_steps", "batch_size", "accum", "lr", "weight_decay", "warmup",
                 "grad_clip", "precision", "max_steps")
+    weights_file = bool(args.pretrained) and os.path.isfile(args.pretrained)
     return {
         "config": config.to_dict(), "classes": data.classes, "prompts": prompts, "data": fingerprint,
-        "pretrained": _file_identity(args.pretrained), "model_file": _file_identity(args.model),
-        "weights": weights, **{k: getattr(args, k) for k in settings},
+        "model": _file_identity(args.model), "pretrained": _file_identity(args.pretrained),
+        # For a weights file, "weights" would only repeat its path; its contents are "pretrained".
+        "weights": "a weights file" if weights_file else weights, **{k: getattr(args, k) for k in settings},
     }
 
 
@@ -270,7 +297,10 @@ def load_checkpoint(path: str, key: Dict) -> Dict:
         for name in ("adapter", "optimizer", "scheduler", "scaler", "rng", "history", "epoch"):
             state[name]
     except Exception as err:  # torch.load raises many types for a damaged file
+        # torch's text for a pickled object suggests weights_only=False, which would run code from the file.
         reason = (str(err).strip().splitlines() or [""])[0][:200]
+        if "weights_only" in str(err) or "weights only" in str(err).lower() or "pickle" in str(err).lower():
+            reason = "it holds pickled Python objects other than tensors, which are never loaded"
         raise CLIError(f"--resume: checkpoint {path!r} is unreadable ({type(err).__name__}: {reason}); "
                        "start the run again with --overwrite") from err
     if saved != key:
@@ -477,8 +507,10 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
 
 def run_record(args, data: DataSplits, fingerprint: str, prompts: List[str]) -> Dict:
     """What evaluate and predict need to rebuild this run: backbone, data and its split, classes, prompts."""
-    return {"model": args.model, "pretrained": args.pretrained, "seed": args.seed, "classes": data.classes,
-            "prompts": prompts, "data": os.path.abspath(args.data) if args.data else None,
+    return {"model": resolved(args.model), "model_file": _file_identity(args.model),
+            "pretrained": resolved(args.pretrained), "pretrained_file": _file_identity(args.pretrained),
+            "seed": args.seed, "classes": data.classes, "prompts": prompts,
+            "data": os.path.realpath(args.data) if args.data else None,
             "data_fingerprint": fingerprint, "shots": args.shots, "precision": args.precision}
 
 

@@ -216,7 +216,11 @@ def test_evaluate_refuses_data_changed_since_training(folder, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--data", str(data), "--out", str(out), *FAST]) == 0
     first = sorted((data / "normal").iterdir())[0]
+    # Touched only, the data is the same (the fingerprint reads contents): evaluate scores it.
     os.utime(first, ns=(1, 1))
+    assert evaluate.main(["--adapter", str(out / "adapter.safetensors")]) == 0
+    with open(first, "ab") as f:
+        f.write(b"\0")
     fails(["--adapter", str(out / "adapter.safetensors")], capsys, "changed since the run", cli=evaluate.main)
 
 

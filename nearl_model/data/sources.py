@@ -9,13 +9,14 @@ import csv
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .._progress import track
 from .demo import DEMO_CLASSES, synthetic_xrays
-from .images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, DataError, is_image_file, read_image
+from .images import (DICOM_EXTENSIONS, IMAGE_EXTENSIONS, DataError, check_regular_file, file_digest, is_image_file,
+                     read_image)
 from .splits import SPLITS, DataSplits, LabeledImages, check_layout, fill_missing_splits
 
 # MedMNIST .npz files carry no label names; the known ones are filled in.
@@ -54,12 +55,13 @@ def load_dataset(
                           f"SYNTHETIC DEMO: {sum(DEMO_SIZES.values())} generated X-ray-like images, no real patients")
     if not os.path.exists(data):
         raise DataError(f"data path {data!r} does not exist")
+    origins = None
     if data.lower().endswith(".npz"):
         out = _load_npz(data, image_size)
     elif data.lower().endswith(".csv"):
-        out = _load_csv(data, image_size)
+        out, origins = _load_csv(data, image_size)
     elif os.path.isdir(data):
-        out = _load_folder(data, image_size)
+        out, origins = _load_folder(data, image_size)
     else:
         raise DataError(f"data {data!r} must be a directory, a .csv or a .npz file")
     if classes:
@@ -71,10 +73,78 @@ def load_dataset(
             out.classes = names
         else:
             _remap(out, names, classes if isinstance(classes, str) else "the class list")
+    if origins is not None:
+        # After the cheap checks of the layout and the class names, before any split is carved.
+        _identify(out, origins, repr(data))
     fill_missing_splits(out, seed, val_fraction, test_fraction)
     check_layout(out, repr(data))
     _decode_all(out)
     return out
+
+
+def _identify(data: DataSplits, origins: Dict[str, List[str]], source: str) -> None:
+    """Read every file once for its sha256, then refuse or drop duplicates, before any split is carved.
+
+    Identity is the file's bytes, so the same file listed twice, reached by
+    two paths (a link, ``./a`` and ``a``) or copied under another name is one
+    image. Under two labels, or in two of the source's own splits, it is
+    refused: either would put test images in training or teach the model
+    both answers. Listed again with the same label in the same split, the
+    repeat is dropped, with one warning line for them all.
+
+    Args:
+        data: the loaded splits, file paths as items; each split gets its ``digests``.
+        origins: per split, where each item came from (``"line 7 ('x.png')"``), for messages.
+        source: the data as the user named it, for messages.
+
+    Raises:
+        DataError: naming both places and the two labels or splits.
+    """
+    items = [item for split in data.splits.values() for item in split.items]
+    real = {item: os.path.realpath(item) for item in items}
+    unique = sorted(set(real.values()))
+    pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
+    try:
+        report = os.environ.get("RANK", "0") == "0"
+        digests = dict(zip(unique, track(pool.map(file_digest, unique), "reading files", total=len(unique),
+                                         enabled=report and len(unique) > 1000)))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    first: Dict[str, Tuple[str, int]] = {}
+    repeats: Dict[str, set] = {name: set() for name in data.splits}
+    example = None
+    for name in [s for s in SPLITS if s in data.splits]:
+        split = data.splits[name]
+        split.digests = [digests[real[item]] for item in split.items]
+        for i, digest in enumerate(split.digests):
+            if digest not in first:
+                first[digest] = (name, i)
+                continue
+            name0, i0 = first[digest]
+            split0 = data.splits[name0]
+            a, b = origins[name0][i0], origins[name][i]
+            same = "the same file" if real[split0.items[i0]] == real[split.items[i]] else \
+                "the same image (identical bytes)"
+            if split0.labels[i0] != split.labels[i]:
+                label_a, label_b = data.classes[split0.labels[i0]], data.classes[split.labels[i]]
+                raise DataError(f"{source}: {a} and {b} are {same} under two labels, {label_a!r} and {label_b!r}; "
+                                "an image has one label: remove one of them")
+            if name0 != name:
+                raise DataError(f"{source}: {a} in the {name0} split and {b} in the {name} split are {same}; an image "
+                                "in two splits leaks into the scores: keep it in one")
+            repeats[name].add(i)
+            example = example or f"{b} repeats {a}"
+    n = sum(len(r) for r in repeats.values())
+    if not n:
+        return
+    for name, drop in repeats.items():
+        if drop:
+            keep = [i for i in range(len(data.splits[name])) if i not in drop]
+            data.splits[name] = data.splits[name].subset(keep)
+            origins[name] = [origins[name][i] for i in keep]
+    if os.environ.get("RANK", "0") == "0":
+        print(f"nearl: warning: {source}: dropped {n} duplicate(s), the same file or identical bytes listed again with "
+              f"the same label, before splitting ({example})", flush=True)
 
 
 def _decode_all(data: DataSplits) -> None:
@@ -158,7 +228,9 @@ def _load_npz(path: str, image_size: int) -> DataSplits:
     except DataError:
         raise
     except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"cannot read {path!r} as an .npz file: {err}") from err
+        # numpy's text for an object array suggests allow_pickle, which would run code from the file.
+        reason = "it holds pickled Python objects, which are never loaded" if "pickle" in str(err) else str(err)
+        raise DataError(f"cannot read {path!r} as an .npz file of arrays: {reason}") from err
     if "train" not in splits:
         raise DataError(f"{path!r} has no train_images/train_labels arrays (MedMNIST layout); it has {sorted(keys)}")
     n_classes = max(max(s.labels, default=0) for s in splits.values()) + 1
@@ -192,7 +264,8 @@ def _scan(directory: str) -> Dict[str, List[str]]:
     return classes
 
 
-def _load_folder(root: str, image_size: int) -> DataSplits:
+def _load_folder(root: str, image_size: int) -> Tuple[DataSplits, Dict[str, List[str]]]:
+    root = os.path.abspath(root)
     split_dirs = [s for s in SPLITS if os.path.isdir(os.path.join(root, s))]
     trees = {s: _scan(os.path.join(root, s)) for s in split_dirs} if split_dirs else {"train": _scan(root)}
     classes = sorted(set().union(*(t.keys() for t in trees.values())))
@@ -202,18 +275,20 @@ def _load_folder(root: str, image_size: int) -> DataSplits:
     empty = [c for c in classes if not any(t.get(c) for t in trees.values())]
     if empty:
         raise DataError(f"class folders {empty} under {root!r} hold no images; remove them or add images")
-    splits = {}
+    splits, origins = {}, {}
     for name, tree in trees.items():
         items, labels = [], []
         for label, cls in enumerate(classes):
             items += tree.get(cls, [])
             labels += [label] * len(tree.get(cls, []))
-        _check_files_exist(items)
+        for item in items:
+            check_regular_file(item)
         splits[name] = LabeledImages(items, labels, image_size)
-    return DataSplits(classes, splits, f"ImageFolder {root}")
+        origins[name] = [repr(os.path.relpath(item, root)) for item in items]
+    return DataSplits(classes, splits, f"ImageFolder {root}"), origins
 
 
-def _load_csv(path: str, image_size: int) -> DataSplits:
+def _load_csv(path: str, image_size: int) -> Tuple[DataSplits, Dict[str, List[str]]]:
     base = os.path.dirname(os.path.abspath(path))
     try:
         # utf-8-sig: spreadsheets save CSVs with a byte-order mark before "path".
@@ -240,20 +315,21 @@ def _load_csv(path: str, image_size: int) -> DataSplits:
         split = (r.get("split") or "train").strip()
         if split not in SPLITS:
             raise DataError(f"{path!r} line {line}: unknown split {split!r}; use one of {SPLITS}")
-        items, labels = by_split.setdefault(split, ([], []))
+        items, labels, origins = by_split.setdefault(split, ([], [], []))
         file = r["path"].strip()
-        items.append(file if os.path.isabs(file) else os.path.join(base, file))
+        items.append(os.path.normpath(file if os.path.isabs(file) else os.path.join(base, file)))
         labels.append(index[r["label"].strip()])
+        origins.append(f"line {line} ({file!r})")
     if "train" not in by_split:
         raise DataError(f"CSV {path!r} has no rows in the train split")
-    splits = {}
-    for split, (items, labels) in by_split.items():
-        _check_files_exist(items)
-        splits[split] = LabeledImages(items, labels, image_size)
-    return DataSplits(classes, splits, f"CSV {path}")
-
-
-def _check_files_exist(paths: Sequence[str]) -> None:
-    for p in paths:
-        if not os.path.isfile(p):
-            raise DataError(f"image file {p!r} does not exist")
+    checked = set()
+    for line, r in enumerate(rows, start=2):
+        file = r["path"].strip()
+        if file not in checked:
+            try:
+                check_regular_file(file if os.path.isabs(file) else os.path.join(base, file))
+            except DataError as err:
+                raise DataError(f"{path!r} line {line}: {err}") from None
+            checked.add(file)
+    splits = {split: LabeledImages(items, labels, image_size) for split, (items, labels, _) in by_split.items()}
+    return DataSplits(classes, splits, f"CSV {path}"), {split: v[2] for split, v in by_split.items()}

@@ -2,28 +2,32 @@
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from .images import DataError, preprocess, read_image
+from .images import DataError, file_digest, preprocess, read_image
 
 SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class LabeledImages(torch.utils.data.Dataset):
-    """Images (uint8 arrays in memory, or file paths) with integer labels."""
+    """Images (uint8 arrays in memory, or file paths) with integer labels.
+
+    ``digests`` holds the sha256 of each file's bytes when the loader has
+    read them (None otherwise): the data's identity, whatever its paths.
+    """
 
     items: List[Union[np.ndarray, str]]
     labels: List[int]
     image_size: int = 224
     mean: Sequence[float] = OPENAI_DATASET_MEAN
     std: Sequence[float] = OPENAI_DATASET_STD
+    digests: Optional[List[str]] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -32,8 +36,9 @@ class LabeledImages(torch.utils.data.Dataset):
         return preprocess(read_image(self.items[i]), self.image_size, self.mean, self.std), self.labels[i]
 
     def subset(self, indices: Sequence[int]) -> "LabeledImages":
+        digests = None if self.digests is None else [self.digests[i] for i in indices]
         return LabeledImages([self.items[i] for i in indices], [self.labels[i] for i in indices],
-                             self.image_size, self.mean, self.std)
+                             self.image_size, self.mean, self.std, digests)
 
 
 @dataclass
@@ -43,21 +48,23 @@ class DataSplits:
     description: str = ""
 
     def fingerprint(self) -> str:
-        """A digest of the classes and of every split's items (file path, size, mtime or pixels) and labels.
+        """A digest of the classes and of every split's contents (file bytes or pixels) and labels.
 
-        A resumed run compares it with the checkpoint's, so edited, added or
-        re-split data is caught even when the path is the same.
+        It names contents, not paths: ``./d`` and ``d``, another working
+        directory, or the folder moved whole give the same fingerprint, while
+        an edited, added or re-split image changes it. A resumed run and
+        ``evaluate`` compare it with the run's.
         """
         h = hashlib.sha256(repr(self.classes).encode())
         for name in sorted(self.splits):
             split = self.splits[name]
             h.update(f"|{name}|{split.labels}".encode())
-            for item in split.items:
+            digests = split.digests or [None] * len(split.items)
+            for item, digest in zip(split.items, digests):
                 if isinstance(item, np.ndarray):
                     h.update(np.ascontiguousarray(item).tobytes())
                 else:
-                    st = os.stat(item)
-                    h.update(f"{item}:{st.st_size}:{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
+                    h.update((digest or file_digest(item)).encode())
         return h.hexdigest()
 
 
