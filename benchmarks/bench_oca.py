@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common import DEVICE, MODES, PROVIDERS, Case, measure, provider_or_skip, xformers_ops
+from common import DEVICE, MODES, PROVIDERS, Case, measure, provider_or_skip, xformers_attention
 from nearl_kernels.oca import OCAFunction, oca_reference
 from nearl_kernels.oca.ops import resolve_dot_dtype
 
@@ -22,11 +22,10 @@ _COMPILED = {}
 
 def _xformers_attention(q, k, v):
     """xformers' memory-efficient attention on the reference's (Gz, T, H, L, r_h) layout."""
-    xops, _ = xformers_ops()
     Gz, T, H, L, rh = q.shape
     qx = q.permute(0, 1, 3, 2, 4).reshape(Gz * T, L, H, rh)
     kx, vx = (t.expand(Gz, T, H, t.shape[3], rh).permute(0, 1, 3, 2, 4).reshape(Gz * T, -1, H, rh) for t in (k, v))
-    return xops.memory_efficient_attention(qx, kx, vx).reshape(Gz, T, L, H, rh).permute(0, 1, 3, 2, 4)
+    return xformers_attention(qx, kx, vx).reshape(Gz, T, L, H, rh).permute(0, 1, 3, 2, 4)
 
 
 def oca_case(shape, provider) -> Case:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common import DEVICE, MODES, PROVIDERS, Case, measure, provider_or_skip, xformers_ops
+from common import DEVICE, MODES, PROVIDERS, Case, measure, provider_or_skip, xformers_attention
 from nearl_kernels.synergy import PARAM_NAMES, SynergyFunction, synergy_reference
 from nearl_model.modules import USEformerBlock
 
@@ -19,13 +19,12 @@ _COMPILED = {}
 
 def _xformers_attention(q, k, v, mask):
     """xformers' memory-efficient attention with the padding mask as an additive bias."""
-    xops, _ = xformers_ops()
     G, H, Mq, rh = q.shape
     Lc = k.shape[2]
     # xformers wants the bias's last dimension allocated in multiples of 8.
-    bias = torch.zeros(G, H, Mq, (Lc + 7) // 8 * 8, device=q.device, dtype=q.dtype)[..., :Lc]
-    bias.masked_fill_(~mask[:, None, None, :], torch.finfo(q.dtype).min)
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+    bias = torch.zeros(G, H, Mq, (Lc + 7) // 8 * 8, device=q.device, dtype=torch.bfloat16)[..., :Lc]
+    bias.masked_fill_(~mask[:, None, None, :], torch.finfo(torch.bfloat16).min)
+    out = xformers_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
     return out.transpose(1, 2)
 
 

@@ -6,6 +6,7 @@ modes are built from it here, so the three modes time the same thing.
 """
 
 import os
+import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -37,15 +38,47 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+_XFORMERS = []
+
+
 def xformers_ops():
-    """xformers.ops, or None with the reason it cannot run here."""
+    """(xformers.ops, attention op) or (None, the reason it cannot run here).
+
+    Probed once with a real call at the benchmarks' head width (16) in bf16: a
+    wheel built for another torch imports without its CUDA kernels, and
+    FlashAttention-3 takes no head width of 16, so a row runs only on the
+    CUTLASS kernels that do, and is skipped with the reason otherwise.
+    """
+    if _XFORMERS:
+        return _XFORMERS[0]
     if DEVICE.type != "cuda":
-        return None, "xformers has no CPU kernels; it runs where a CUDA device is present"
-    try:
-        import xformers.ops as xops
-    except ImportError as err:
-        return None, f"xformers is not installed (pip install -e '.[xformers]'): {err}"
-    return xops, None
+        result = None, "xformers has no CPU kernels; it runs where a CUDA device is present"
+    else:
+        try:
+            import xformers.ops as xops
+
+            op = (xops.fmha.cutlass.FwOp, xops.fmha.cutlass.BwOp)
+            q = torch.randn(1, 8, 2, 16, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+            xops.memory_efficient_attention(q, q, q, op=op).sum().backward()
+            result = (xops, op), None
+        except ImportError as err:
+            result = None, f"xformers is not installed (pip install -e '.[xformers]'): {err}"
+        except Exception as err:  # a wheel without kernels for this torch raises NotImplementedError and others
+            version = getattr(sys.modules.get("xformers"), "__version__", "?")
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            result = None, (f"xformers {version} cannot run bf16 attention at head width 16 with torch "
+                            f"{torch.__version__} here: {type(err).__name__}: {first}")
+    _XFORMERS.append(result)
+    return result
+
+
+def xformers_attention(q, k, v, attn_bias=None):
+    """xformers' CUTLASS memory-efficient attention on (B, L, H, r_h) tensors: computed in
+    bf16 (its kernels take no fp32), returned in q's dtype."""
+    (xops, op), _ = xformers_ops()
+    low = [t.to(torch.bfloat16) for t in (q, k, v)]
+    bias = None if attn_bias is None else attn_bias.to(torch.bfloat16)
+    return xops.memory_efficient_attention(*low, attn_bias=bias, op=op).to(q.dtype)
 
 
 @dataclass

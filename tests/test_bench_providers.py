@@ -20,22 +20,26 @@ from nearl_model.modules import USEformerBlock
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench_oca  # noqa: E402
+from helpers import rel_err  # noqa: E402
+import common  # noqa: E402
 import bench_synergy  # noqa: E402
 
 
-def _memory_efficient_attention(query, key, value, attn_bias=None):
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, M, K)
+def _memory_efficient_attention(query, key, value, attn_bias=None, op=None):
+    # xformers' kernels take bf16/fp16 only: the benchmark rows must hand them that.
+    assert all(t.dtype == torch.bfloat16 for t in (query, key, value)), [t.dtype for t in (query, key, value)]
+    assert attn_bias is None or attn_bias.dtype == torch.bfloat16
+    q, k, v = (t.float().transpose(1, 2) for t in (query, key, value))  # (B, H, M, K)
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if attn_bias is not None:
-        s = s + attn_bias
-    return (torch.softmax(s, dim=-1) @ v).transpose(1, 2)
+        s = s + attn_bias.float()
+    return (torch.softmax(s, dim=-1) @ v).transpose(1, 2).to(query.dtype)
 
 
 @pytest.fixture
 def fake_xformers(monkeypatch):
     fake = types.SimpleNamespace(memory_efficient_attention=_memory_efficient_attention)
-    for module in (bench_oca, bench_synergy):
-        monkeypatch.setattr(module, "xformers_ops", lambda: (fake, None))
+    monkeypatch.setattr(common, "xformers_ops", lambda: ((fake, "cutlass"), None))
 
 
 @pytest.mark.parametrize("T", [1, 4])
@@ -47,7 +51,8 @@ def test_oca_xformers_layout(fake_xformers, T):
             torch.randn(d, generator=g), torch.tensor(0.9), torch.tensor(0.2)]
     expected = oca_reference(*args, 2, T, 1e-6)
     got = oca_reference(*args, 2, T, 1e-6, attention=bench_oca._xformers_attention)
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # bf16 attention inside: bf16 rounding is ~1e-2 of the norm, a layout error O(1).
+    assert rel_err(got, expected) <= 2e-2
 
 
 def test_synergy_xformers_layout_and_mask(fake_xformers):
@@ -59,4 +64,4 @@ def test_synergy_xformers_layout_and_mask(fake_xformers):
     mask[:, 0] = True
     expected = synergy_reference(z, ctx, mask, params, 2)
     got = synergy_reference(z, ctx, mask, params, 2, attention=bench_synergy._xformers_attention)
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert rel_err(got, expected) <= 2e-2
