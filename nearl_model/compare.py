@@ -344,7 +344,7 @@ def machine_info(args, device: torch.device, seconds: float, argv: Optional[List
 
 
 @contextlib.contextmanager
-def locked(out: str, wait: float = LOCK_WAIT_SECONDS):
+def locked(out: str, wait: Optional[float] = None):
     """Hold ``OUT/.nearl.lock`` (the lock ``nearl_model.train`` holds for a whole run) while the block runs.
 
     compare holds it only to read and rewrite its files, so runs sharing an
@@ -354,6 +354,7 @@ def locked(out: str, wait: float = LOCK_WAIT_SECONDS):
         lock = open(os.path.join(out, LOCK_NAME), "a+")
     except OSError as err:
         raise CLIError(f"--out {out!r}: cannot open its lock file: {err}") from err
+    wait = LOCK_WAIT_SECONDS if wait is None else wait
     try:
         deadline = time.monotonic() + wait
         while True:

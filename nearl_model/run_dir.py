@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 
-from ._io import remove_stale_temporaries
+from ._io import atomic_write_text, remove_stale_temporaries
 
 RUN_FILES = ("adapter.safetensors", "checkpoint.pt", "metrics.jsonl", "summary.json", "curves.png", "confusion.png")
 LOCK_NAME = ".nearl.lock"
@@ -13,6 +13,8 @@ LOCK_NAME = ".nearl.lock"
 STAGING_NAME = ".nearl-new"
 # ... and this is the same folder while its files replace the old run's, so a crash then is finished at the next open.
 COMMIT_NAME = ".nearl-commit"
+# In that folder: the names of the new run's files, so a commit finished later knows which ones it moved already.
+MANIFEST_NAME = "files.txt"
 
 
 class RunDirError(Exception):
@@ -101,6 +103,8 @@ class RunDir:
         if self.staging is None:
             return
         try:
+            staged = [f for f in RUN_FILES if os.path.isfile(os.path.join(self.staging, f))]
+            atomic_write_text(os.path.join(self.staging, MANIFEST_NAME), "".join(f + "\n" for f in staged))
             # One rename marks the point of no return: from here a crash is rolled forward at the next open.
             os.rename(self.staging, os.path.join(self.path, COMMIT_NAME))
             self.staging = None
@@ -110,14 +114,17 @@ class RunDir:
 
     def _finish_commit(self) -> None:
         commit = os.path.join(self.path, COMMIT_NAME)
-        staged = [f for f in RUN_FILES if os.path.isfile(os.path.join(commit, f))]
+        with open(os.path.join(commit, MANIFEST_NAME), encoding="utf-8") as f:
+            staged = [name for name in f.read().split() if name in RUN_FILES]
         # The old run's files the new one has not written yet go first, its summary (a finished run's mark) first
         # of all, so no old summary or plot ever sits beside the new checkpoint.
-        for f in sorted(set(RUN_FILES) - set(staged), key=lambda f: f != "summary.json"):
-            if os.path.lexists(os.path.join(self.path, f)):
-                os.unlink(os.path.join(self.path, f))
-        for f in staged:
-            os.replace(os.path.join(commit, f), os.path.join(self.path, f))
+        for name in sorted(set(RUN_FILES) - set(staged), key=lambda name: name != "summary.json"):
+            if os.path.lexists(os.path.join(self.path, name)):
+                os.unlink(os.path.join(self.path, name))
+        for name in staged:
+            # A file already moved by the commit this one finishes is not in the folder any more.
+            if os.path.exists(os.path.join(commit, name)):
+                os.replace(os.path.join(commit, name), os.path.join(self.path, name))
         shutil.rmtree(commit)
 
     def close(self) -> None:
