@@ -1,6 +1,10 @@
 """What the train, evaluate and predict CLIs share: the user-facing error, the device, loading a trained run."""
 
 import argparse
+import contextlib
+import os
+import sys
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -16,6 +20,68 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class CLIError(Exception):
     """A user-facing failure: printed as ``error: ...`` with exit code 2."""
+
+
+WORKER_TRACEBACK = "Traceback (most recent call last):"
+
+
+def one_line(message: str) -> str:
+    """``message`` as one line; an error re-raised from a DataLoader worker is reduced to its own message.
+
+    torch re-raises a worker's exception with the worker's whole traceback in
+    its text; the user needs the last exception's message, not the frames.
+    """
+    lines = message.splitlines()
+    if len(lines) > 1 and "DataLoader worker" in lines[0] and any(WORKER_TRACEBACK in line for line in lines):
+        start = max(i for i, line in enumerate(lines) if WORKER_TRACEBACK in line) + 1
+        rest = [line for line in lines[start:] if line.strip()]
+        # The frames are indented; the first line that is not is "module.Type: message".
+        first = next((i for i, line in enumerate(rest) if not line.startswith(" ")), len(rest) - 1)
+        head = rest[first].split(": ", 1)[-1] if rest else lines[0]
+        lines = [head, *rest[first + 1:]]
+    return "; ".join(line.strip() for line in lines if line.strip())
+
+
+def fail(err) -> int:
+    """Print ``err`` as the one line ``error: ...`` on stderr; return the exit code 2."""
+    print(f"error: {one_line(str(err))}", file=sys.stderr)
+    return 2
+
+
+@contextlib.contextmanager
+def writing(where: str):
+    """Turn a failed write (a full disk, permissions) under ``where`` into a CLIError; files are replaced
+    atomically, so every file written before stays whole."""
+    try:
+        yield
+    except OSError as err:
+        raise CLIError(f"cannot write to {where!r}: {err}; files written before this point are kept intact "
+                       "(each is replaced atomically)") from err
+
+
+def check_outputs(out_flag: str, out: str, written: Sequence[str], inputs: Dict[str, Optional[str]],
+                  out_is_dir: bool = True) -> None:
+    """Refuse an output that would write over an input, or into a data folder the command reads.
+
+    Args:
+        out_flag: the flag that names the output (for the message).
+        out: its value as typed.
+        written: every path the command may write.
+        inputs: flag -> path read (values that are not existing paths, such as model names, are skipped).
+        out_is_dir: ``out`` is a directory the command writes files into.
+    """
+    targets = [os.path.realpath(p) for p in written]
+    out_real = os.path.realpath(out)
+    for flag, path in inputs.items():
+        if not path or not os.path.exists(path):
+            continue
+        real = os.path.realpath(path)
+        if any(t == real or (os.path.exists(t) and os.path.samefile(t, real)) for t in targets):
+            raise CLIError(f"{out_flag} {out!r} would write over {flag} {path!r}, an input of this command; "
+                           f"choose another {out_flag}")
+        if out_is_dir and os.path.isdir(real) and (out_real == real or out_real.startswith(real + os.sep)):
+            raise CLIError(f"{out_flag} {out!r} is inside {flag} {path!r}: the files written there would become "
+                           f"part of the data; choose an {out_flag} outside it")
 
 
 def pick_device(name: str) -> torch.device:

@@ -6,7 +6,9 @@ metrics, over a grid of shot counts and seeds. Every cell (method, shots,
 seed) fits on a K-shot sample of the train split, stops early on a K-shot
 sample of the val split (the same rule for every method) and is scored on the
 whole test split. The grid is resumable: a killed run continues with the
-cells missing from ``OUT/results.csv``.
+cells missing from ``OUT/results.csv``. Several runs may share one ``--out``
+(other seeds, another machine on a shared disk): each merges its cells into
+``results.csv`` under the lock ``nearl_model.train`` takes, so no cell is lost.
 
 Writes ``OUT/results.csv`` (one row per cell), ``OUT/results.md`` (mean +- std
 over seeds), ``OUT/accuracy_vs_shots.png``, ``OUT/run.json`` (the settings a
@@ -16,7 +18,9 @@ Exit codes: 0 done, 2 bad input (flag values, data, model, paths), with the reas
 """
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import math
@@ -31,13 +35,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ._cli import CLIError, pick_device
-from ._io import atomic_write, atomic_write_text
+from ._cli import CLIError, check_outputs, fail, pick_device, writing
+from ._io import atomic_save_figure, atomic_write_text
 from .backbones import create_clip
 from .data import DataError, LabeledImages, few_shot, load_dataset
 from .metrics import classification_metrics
 from .methods import METHODS, Backbone, ClassSet, Task, View
 from .prompts import class_prompts, default_template
+from .run_dir import LOCK_NAME
 
 COLUMNS = ["method", "shots", "seed", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "trainable_parameters",
            "train_seconds", "peak_memory_bytes"]
@@ -45,6 +50,9 @@ B2N_COLUMNS = ["base_accuracy", "novel_accuracy", "harmonic_mean"]
 # The settings every cell of one results.csv shares; a resumed run must match them.
 RUN_KEYS = ("data", "classes", "prompt", "model", "pretrained", "precision", "max_steps", "base_to_novel",
             "backbone_seed")
+OUT_FILES = ("results.csv", "results.md", "accuracy_vs_shots.png", "run.json", "machine.json")
+# How long a cell's write waits for the lock: other compare runs hold it for milliseconds, a training run for hours.
+LOCK_WAIT_SECONDS = 60.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +82,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args, argv)
+    except KeyboardInterrupt:
+        return fail(f"interrupted; the finished cells are in {os.path.join(args.out, 'results.csv')!r}, and the same "
+                    "command continues with the rest")
     except (CLIError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
 
 
 def parse_ints(flag: str, value: str) -> List[int]:
@@ -166,26 +176,49 @@ def run_cell(backbone: Backbone, name: str, splits: Dict[str, LabeledImages], cl
     return row
 
 
+def _corrupt(path: str, reason: str) -> CLIError:
+    return CLIError(f"{path!r} is corrupt ({reason}); move it away to run the grid again, or choose another --out")
+
+
 def read_results(path: str) -> List[Dict]:
-    """Rows of a results.csv, numbers parsed, empty cells as None."""
+    """Rows of a results.csv, numbers parsed, empty cells as None; a damaged file is a CLIError naming it."""
     if not os.path.exists(path):
         return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise _corrupt(path, str(err)) from err
+    missing = [c for c in ("method", "shots", "seed", "accuracy") if c not in header]
+    if missing:
+        raise _corrupt(path, f"no {', '.join(missing)} column")
     out = []
-    for r in rows:
+    for line, r in enumerate(rows, start=2):
+        if None in r or None in r.values():
+            raise _corrupt(path, f"line {line} has {'more' if None in r else 'fewer'} fields than the header")
         row = {}
         for k, v in r.items():
-            if k == "method":
-                row[k] = v
-            elif v in ("", None):
-                row[k] = None
-            elif k in ("shots", "seed", "trainable_parameters", "peak_memory_bytes"):
-                row[k] = int(float(v))
-            else:
-                row[k] = float(v)
+            try:
+                if k == "method":
+                    row[k] = v
+                elif v == "":
+                    row[k] = None
+                elif k in ("shots", "seed", "trainable_parameters", "peak_memory_bytes"):
+                    row[k] = int(float(v))
+                else:
+                    row[k] = float(v)
+            except (ValueError, OverflowError):
+                raise _corrupt(path, f"line {line}: {k} {v!r} is not a number") from None
+        if not row["method"] or row["shots"] is None or row["seed"] is None:
+            raise _corrupt(path, f"line {line} names no method, shots or seed")
         out.append(row)
     return out
+
+
+def _cells(rows: List[Dict]) -> set:
+    return {(r["method"], r["shots"], r["seed"]) for r in rows}
 
 
 def write_results(path: str, rows: List[Dict], columns: List[str]) -> None:
@@ -284,8 +317,10 @@ def _plot(rows, methods, shots, path: str) -> None:
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    try:
+        atomic_save_figure(path, fig, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def machine_info(args, device: torch.device, seconds: float, argv: Optional[List[str]]) -> Dict:
@@ -308,6 +343,55 @@ def machine_info(args, device: torch.device, seconds: float, argv: Optional[List
     }
 
 
+@contextlib.contextmanager
+def locked(out: str, wait: Optional[float] = None):
+    """Hold ``OUT/.nearl.lock`` (the lock ``nearl_model.train`` holds for a whole run) while the block runs.
+
+    compare holds it only to read and rewrite its files, so runs sharing an
+    ``--out`` take turns and each sees the cells the others wrote.
+    """
+    try:
+        lock = open(os.path.join(out, LOCK_NAME), "a+")
+    except OSError as err:
+        raise CLIError(f"--out {out!r}: cannot open its lock file: {err}") from err
+    wait = LOCK_WAIT_SECONDS if wait is None else wait
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise CLIError(f"--out {out!r} has been locked by another nearl process for {wait:.0f}s "
+                                   "(a training run?); wait for it or choose another --out") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        lock.close()
+
+
+def _read_settings(out: str) -> Optional[Dict]:
+    """run.json's settings; None when absent, or damaged with no results beside it to vouch for."""
+    path = os.path.join(out, "run.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+        if not isinstance(settings, dict):
+            raise ValueError(f"a JSON {type(settings).__name__}, not an object")
+    except ValueError as err:
+        if not os.path.exists(os.path.join(out, "results.csv")):
+            return None
+        raise _corrupt(path, f"{err}; it records the settings of the results.csv beside it") from err
+    return settings
+
+
+def _settings_diff(previous: Optional[Dict], settings: Dict) -> Dict:
+    return {} if previous is None else {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+
+
 def _check_out(out: str, settings: Dict) -> None:
     """The output directory is writable and, if it holds results, they come from the same settings."""
     try:
@@ -316,15 +400,35 @@ def _check_out(out: str, settings: Dict) -> None:
         raise CLIError(f"--out {out!r}: cannot create the directory: {err}") from err
     if not os.access(out, os.W_OK):
         raise CLIError(f"--out {out!r} is not writable")
-    path = os.path.join(out, "run.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+    with locked(out):
+        previous = _read_settings(out)
+        diff = _settings_diff(previous, settings)
         if diff and os.path.exists(os.path.join(out, "results.csv")):
             raise CLIError(f"--out {out!r} holds results of different settings {diff} (old, new); "
                            "use another --out or remove its results.csv")
-    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+        read_results(os.path.join(out, "results.csv"))
+        if previous != settings:
+            with writing(out):
+                atomic_write_text(os.path.join(out, "run.json"), json.dumps(settings, indent=2) + "\n")
+
+
+def merge_cell(out: str, settings: Dict, row: Dict, columns: List[str]) -> List[Dict]:
+    """Add ``row`` to ``OUT/results.csv`` as it is now on disk, under the lock; returns every row there.
+
+    A cell another run wrote meanwhile is kept as that run wrote it.
+    """
+    csv_path = os.path.join(out, "results.csv")
+    with locked(out):
+        diff = _settings_diff(_read_settings(out), settings)
+        if diff:
+            raise CLIError(f"another compare run took --out {out!r} with different settings {diff} (theirs, ours) "
+                           f"while this one ran; its cells stay as they are, and this run stops")
+        rows = read_results(csv_path)
+        if (row["method"], row["shots"], row["seed"]) not in _cells(rows):
+            rows.append(row)
+        with writing(out):
+            write_results(csv_path, rows, columns)
+    return rows
 
 
 class Progress:
@@ -358,6 +462,11 @@ class Progress:
             print(f"compare [{self.done}/{self.total}] {text}", flush=True)
             self.last = time.time()
 
+    def skip(self) -> None:
+        """A cell another run sharing --out finished first."""
+        self.done += 1
+        self.bar.update(1)
+
     def close(self) -> None:
         self.bar.close()
 
@@ -375,6 +484,9 @@ def run(args, argv: Optional[List[str]] = None) -> int:
         raise CLIError(f"--max-steps must be >= 1; got {args.max_steps}")
     device = pick_device(args.device)
     settings = {k: getattr(args, k) for k in RUN_KEYS}
+    check_outputs("--out", args.out, [os.path.join(args.out, f) for f in OUT_FILES],
+                  {"--data": args.data, "--classes": args.classes, "--model": args.model,
+                   "--pretrained": args.pretrained})
     _check_out(args.out, settings)
 
     torch.manual_seed(args.backbone_seed)
@@ -397,8 +509,8 @@ def run(args, argv: Optional[List[str]] = None) -> int:
 
     columns = COLUMNS + (B2N_COLUMNS if args.base_to_novel else [])
     csv_path = os.path.join(args.out, "results.csv")
-    rows = read_results(csv_path)
-    done = {(r["method"], r["shots"], r["seed"]) for r in rows}
+    with locked(args.out):
+        done = _cells(read_results(csv_path))
     # Seed-major: a run cut short still has whole accuracy-vs-shots curves for the seeds it finished.
     grid = [(m, k, s) for s in seeds for k in shots_list for m in methods]
     todo = [cell for cell in grid if cell not in done]
@@ -409,15 +521,19 @@ def run(args, argv: Optional[List[str]] = None) -> int:
     progress = Progress(len(grid), len(grid) - len(todo))
     try:
         for name, shots, seed in todo:
+            with locked(args.out):
+                # Another run sharing --out may have finished this cell since the grid was read.
+                taken = (name, shots, seed) in _cells(read_results(csv_path))
+            if taken:
+                progress.skip()
+                continue
             row = run_cell(backbone, name, data.splits, classes, novel, base_ids, novel_ids, shots, seed)
-            rows.append(row)
-            write_results(csv_path, rows, columns)
+            merge_cell(args.out, settings, row, columns)
             progress.cell(row)
     finally:
         progress.close()
     seconds = time.time() - start
     info = machine_info(args, device, seconds, argv)
-    atomic_write_text(os.path.join(args.out, "machine.json"), json.dumps(info, indent=2) + "\n")
     header = [f"- data: {data.description}",
               f"- backbone: {args.model} ({args.pretrained or f'random init, seed {args.backbone_seed}'}), "
               f"{args.precision}, {info['device']}",
@@ -425,7 +541,9 @@ def run(args, argv: Optional[List[str]] = None) -> int:
               f"- machine: {info['cpu']} ({info['cpu_count']} cores), torch {info['torch']}, "
               f"open_clip {info['open_clip']}, {info['date']}",
               f"- command: `{info['command']}`"]
-    render_report(rows, args.out, header)
+    with locked(args.out), writing(args.out):
+        atomic_write_text(os.path.join(args.out, "machine.json"), json.dumps(info, indent=2) + "\n")
+        render_report(read_results(csv_path), args.out, header)
     print(f"wrote {args.out}/: results.csv, results.md, accuracy_vs_shots.png, machine.json ({seconds:.0f}s)")
     return 0
 

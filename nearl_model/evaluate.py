@@ -15,8 +15,9 @@ import os
 import sys
 from typing import List, Optional
 
-from ._cli import CLIError, HelpFormatter, add_inference_args, load_run
+from ._cli import CLIError, HelpFormatter, add_inference_args, check_outputs, fail, load_run, writing
 from ._io import atomic_write_text
+from .run_dir import LOCK_NAME, RUN_FILES
 from .data import DataError, load_dataset
 from .metrics import format_per_class, format_scores
 from .train import evaluate
@@ -30,17 +31,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--split", choices=("train", "val", "test"), default="test", help="which split to score")
     p.add_argument("--seed", type=int, default=None,
                    help="split seed for data without its own splits (default: the training run's)")
-    p.add_argument("--out", help="write the metrics here as JSON")
+    p.add_argument("--out", help="write the metrics here as JSON (a new file, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     try:
         return _evaluate(args)
+    except KeyboardInterrupt:
+        return fail("interrupted; nothing was written")
     except (CLIError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
+
+
+def check_out(args, run=None) -> None:
+    """``--out`` is a new file (or ``--overwrite``), and never an input, a run's file or its checkpoint."""
+    if args.out is None:
+        return
+    if os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out!r} is a directory; name the JSON file to write")
+    inputs = {"--adapter": args.adapter, "--pretrained": args.pretrained, "--data": args.data}
+    if run is not None:
+        inputs.update({"the run's data": run.get("data"), "the run's --pretrained": run.get("pretrained"),
+                       "the run's --model": run.get("model")})
+    check_outputs("--out", args.out, [args.out], inputs, out_is_dir=False)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    is_run_dir = any(os.path.exists(os.path.join(folder, f)) for f in ("adapter.safetensors", "checkpoint.pt", LOCK_NAME))
+    if os.path.basename(args.out) in RUN_FILES and is_run_dir:
+        raise CLIError(f"--out {args.out!r} is one of a training run's files; write the metrics beside them, "
+                       f"e.g. {os.path.join(os.path.dirname(args.out), 'eval.json')!r}")
+    if os.path.lexists(args.out) and not args.overwrite:
+        raise CLIError(f"--out {args.out!r} already exists; pass --overwrite to replace it, or choose another --out")
 
 
 def _evaluate(args) -> int:
+    check_out(args)
     model, run, texts, device, precision = load_run(args)
+    check_out(args, run)
     if args.data is None and "data" not in run:
         raise CLIError(f"adapter {args.adapter!r} does not record its training data; pass --data and --seed")
     data_path = args.data if args.data is not None else run["data"]
@@ -59,11 +84,9 @@ def _evaluate(args) -> int:
     print(f"{args.split}: {format_scores(metrics)}  ({len(split)} images, {device}, {precision})")
     print(format_per_class(metrics))
     if args.out:
-        try:
+        with writing(args.out):
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             atomic_write_text(args.out, json.dumps(metrics, indent=2) + "\n")
-        except OSError as err:
-            raise CLIError(f"cannot write --out {args.out!r}: {err}") from err
     return 0
 
 

@@ -8,6 +8,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from ._io import atomic_save_figure
+
 
 def classification_metrics(labels: Sequence[int], probs: np.ndarray, classes: Sequence[str]) -> Dict:
     """Accuracy, balanced accuracy, macro F1, AUROC, per-class table and confusion matrix.
@@ -79,8 +81,10 @@ def plot_curves(history: List[Dict], path: str) -> None:
     ax2.legend(loc="lower right")
     ax2.set_title("validation")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_save_figure(path, fig, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: str, title: str = "test") -> None:
@@ -101,5 +105,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
             ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
     ax.set_title(f"confusion matrix ({title})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_save_figure(path, fig, dpi=100)
+    finally:
+        plt.close(fig)

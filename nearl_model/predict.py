@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from ._cli import CLIError, HelpFormatter, add_inference_args, load_run
+from ._cli import CLIError, HelpFormatter, add_inference_args, fail, load_run
 from .data import DataError, LabeledImages, read_image
 from .train import predict_probs
 
@@ -21,9 +21,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         return _predict(args)
+    except KeyboardInterrupt:
+        return fail("interrupted")
     except (CLIError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
 
 
 def _predict(args) -> int:

@@ -16,9 +16,11 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from typing import Dict, List, Optional
@@ -27,8 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._cli import CLIError, HelpFormatter, pick_device
-from ._io import atomic_write, atomic_write_text
+from ._cli import CLIError, HelpFormatter, check_outputs, fail, one_line, pick_device
+from ._io import atomic_write_bytes, atomic_write_text
 from .adapter_io import file_identity as _file_identity
 from .adapter_io import resolved
 from ._progress import Progress
@@ -39,7 +41,7 @@ from .config import NearlConfig
 from .data import DataError, DataSplits, LabeledImages, few_shot, load_dataset
 from .metrics import classification_metrics, format_per_class, format_scores, plot_confusion, plot_curves
 from .prompts import check_template, class_prompts, default_template, tokenize_prompts
-from .run_dir import RunDir, RunDirError
+from .run_dir import RUN_FILES, RunDir, RunDirError
 
 DEFAULT_EPOCHS = 20
 
@@ -85,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output directory (default: a new runs/<date-time>)")
     o.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
-    o.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace the run in OUT once the new one has its first checkpoint (until then the new run "
+                        "writes into OUT/.nearl-new, and a failure leaves the old run as it was)")
     return p
 
 
@@ -113,23 +117,69 @@ def check_args(args) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(args, sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:
+        return fail("interrupted before training started; nothing was written")
     except (CLIError, DataError, RunDirError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+LAUNCH_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _env_int(name: str, low: int, high: Optional[int] = None) -> int:
+    value = os.environ[name]
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        bound = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+        raise CLIError(f"environment variable {name}={value!r} must be {bound}; torchrun sets it, so launch with "
+                       f"torchrun, or unset it for one process")
+    return number
+
+
+def check_launch_environment(cuda_devices: int = 0) -> int:
+    """The world size a torchrun-style environment asks for, once every variable it needs is there and sane.
+
+    A WORLD_SIZE left over in a shell, without the RANK and MASTER_ADDR/PORT a
+    launcher sets beside it, would otherwise end in a rendezvous traceback or a
+    wait for processes that never come.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return 1
+    world = _env_int("WORLD_SIZE", 1)
+    if world == 1:
+        return 1
+    missing = [name for name in LAUNCH_VARIABLES if not os.environ.get(name)]
+    if missing:
+        raise CLIError(f"WORLD_SIZE={world} looks like a distributed launch, but {', '.join(missing)} "
+                       f"{'is' if len(missing) == 1 else 'are'} not set; start it with torchrun --nproc_per_node "
+                       f"{world} -m nearl_model.train ..., or unset WORLD_SIZE to train in one process")
+    _env_int("RANK", 0, world - 1)
+    _env_int("MASTER_PORT", 1, 65535)
+    if "LOCAL_RANK" in os.environ:
+        # One process per GPU on a node; without GPUs, at most one per process of the run.
+        _env_int("LOCAL_RANK", 0, (cuda_devices or world) - 1)
+    return world
+
+
 def _distributed(device: torch.device):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = check_launch_environment(torch.cuda.device_count() if device.type == "cuda" else 0)
     if world == 1:
         return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    except (RuntimeError, ValueError) as err:
+        raise CLIError(f"cannot join the distributed run at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+                       f"(WORLD_SIZE={world}, RANK={os.environ['RANK']}): {one_line(str(err))}") from err
     return dist.get_rank(), world, device
 
 
@@ -311,7 +361,8 @@ def load_checkpoint(path: str, key: Dict) -> Dict:
     return state
 
 
-def _check_finite(what: str, value: float, world: int, device, epoch: int, batch: int, run_dir: str) -> None:
+def _check_finite(what: str, value: float, world: int, device, epoch: int, batch: int, args,
+                  out: Optional[RunDir]) -> None:
     """Stop the run (every process of it) when ``value`` is NaN or inf; the last good checkpoint stays."""
     bad = not math.isfinite(value)
     if world > 1:
@@ -320,8 +371,8 @@ def _check_finite(what: str, value: float, world: int, device, epoch: int, batch
         bad = flag.item() > 0
     if bad:
         raise CLIError(f"training diverged: the {what} is {value} at epoch {epoch}, batch {batch}; nothing since the "
-                       f"last checkpoint was saved, and any checkpoint already in {run_dir!r} is kept. Try a lower --lr, "
-                       "--precision fp32, or check the data")
+                       f"last checkpoint was saved, and {_kept(args, out)}. Try a lower --lr, --precision fp32, or "
+                       "check the data")
 
 
 def default_out() -> str:
@@ -333,21 +384,58 @@ def default_out() -> str:
     return out
 
 
-def run(args) -> int:
+def run(args, argv: Optional[List[str]] = None) -> int:
+    """Train as ``args`` say; ``argv`` (the command line) goes into the "resume with" line after a Ctrl-C."""
     check_args(args)
-    if args.out is None:
+    out_given = args.out is not None
+    if not out_given:
         if args.resume:
             raise CLIError("--resume needs --out: the directory of the run to continue")
         args.out = default_out()
+    inputs = {"--data": args.data, "--config": args.config, "--descriptions": args.descriptions,
+              "--classes": args.classes, "--pretrained": args.pretrained, "--model": args.model}
+    check_outputs("--out", args.out, [os.path.join(args.out, f) for f in RUN_FILES], inputs)
     device = pick_device(args.device)
     rank, world, device = _distributed(device)
     main_process = rank == 0
     out = RunDir(args.out, args.resume, args.overwrite) if main_process else None
     try:
         return _train(args, device, rank, world, out)
+    except KeyboardInterrupt:
+        raise CLIError(_interrupted(args, argv or [], out, out_given)) from None
+    except torch.OutOfMemoryError as err:
+        raise CLIError(f"out of memory on {device}: {one_line(str(err))[:200]}; lower --batch-size (--accum keeps "
+                       f"the global batch), or try --precision bf16; {_kept(args, out)}") from None
+    except (RuntimeError, OSError) as err:
+        # A worker that died (killed for memory, no shared memory) or hit a file that vanished since the check.
+        if "DataLoader worker" not in str(err).split("\n", 1)[0]:
+            raise
+        raise CLIError(f"a DataLoader worker failed: {one_line(str(err))}; lower --workers (0 reads the images in "
+                       f"this process); {_kept(args, out)}") from None
     finally:
         if out is not None:
             out.close()
+
+
+def _kept(args, out: Optional[RunDir]) -> str:
+    """What a failed run leaves in --out, for the end of its error line."""
+    if out is not None and out.replacing:
+        return f"the run already in {args.out!r} is kept as it was"
+    if os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
+        return f"the last checkpoint in {args.out!r} is kept"
+    return "no checkpoint was written yet"
+
+
+def _interrupted(args, argv: List[str], out: Optional[RunDir], out_given: bool) -> str:
+    """The Ctrl-C line: what is kept, and the command that continues the run when there is one to continue."""
+    resumable = out is not None and not out.replacing and os.path.isfile(os.path.join(args.out, "checkpoint.pt"))
+    if not resumable:
+        return f"interrupted; {_kept(args, out)}"
+    again = [a for a in argv if not (len(a) >= 4 and "--overwrite".startswith(a))]
+    again += [] if args.resume else ["--resume"]
+    again += [] if out_given else ["--out", args.out]
+    return (f"interrupted; the last checkpoint in {args.out!r} is kept, resume with: "
+            f"{shlex.join(['python', '-m', 'nearl_model.train', *again])}")
 
 
 def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
@@ -437,8 +525,6 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
         if first_epoch:
             print(f"nearl: resumed after epoch {first_epoch} from {ckpt_path}")
 
-    if out is not None:
-        out.clear()
     losses, seen, t0 = [], 0, time.time()
     for epoch in range(first_epoch, epochs):
         model.train()
@@ -452,14 +538,14 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
             with _autocast(device, args.precision):
                 loss, _ = net(images, texts, labels)
             value = loss.item()
-            _check_finite("training loss", value, world, device, epoch + 1, i + 1, args.out)
+            _check_finite("training loss", value, world, device, epoch + 1, i + 1, args, out)
             scaler.scale(loss / args.accum).backward()
             if (i + 1) % args.accum == 0 or i + 1 == len(local):
                 scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
                 if not scaler.is_enabled():
                     # fp16's scaler skips steps with inf gradients by design; elsewhere one is divergence.
-                    _check_finite("gradient norm", float(norm), world, device, epoch + 1, i + 1, args.out)
+                    _check_finite("gradient norm", float(norm), world, device, epoch + 1, i + 1, args, out)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -481,8 +567,8 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
             bad = [k for k, v in model.adapter_state_dict().items() if not torch.isfinite(v).all()]
             if bad:
                 raise CLIError(f"training diverged: adapter tensors {bad[:3]} hold NaN/inf after epoch {epoch + 1}; "
-                               f"nothing since the last checkpoint was saved, and that checkpoint in {args.out!r} "
-                               "is kept. Try a lower --lr or --precision fp32")
+                               f"nothing since the last checkpoint was saved, and {_kept(args, out)}. Try a lower "
+                               "--lr or --precision fp32")
             val = evaluate(model, data.splits["val"], texts, classes, device, args.precision, "validating")
             record = {
                 "epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
@@ -495,7 +581,9 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
             state = {"key": key, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": history,
                      "epoch": epoch + 1}
-            save_checkpoint(args.out, model, state, run_info)
+            save_checkpoint(out.write_dir, model, state, run_info)
+            # With --overwrite, the new run has something of its own to keep only now: it replaces the old one.
+            out.commit()
         if world > 1:
             dist.barrier()
         losses, seen, t0 = [], 0, time.time()
@@ -527,8 +615,11 @@ def _writing(out: str):
 def save_checkpoint(out: str, model: NearlCLIP, state: Dict, run: Dict) -> None:
     """checkpoint.pt (all a resume needs) and adapter.safetensors, each written atomically."""
     state = {**state, "adapter": model.adapter_state_dict()}
+    # Serialised in memory first: torch.save straight to a file reports a full disk as a RuntimeError.
+    buf = io.BytesIO()
+    torch.save(state, buf)
     with _writing(out):
-        atomic_write(os.path.join(out, "checkpoint.pt"), lambda tmp: torch.save(state, tmp))
+        atomic_write_bytes(os.path.join(out, "checkpoint.pt"), buf.getvalue())
         model.save_adapter(os.path.join(out, "adapter.safetensors"), run=run)
         atomic_write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in state["history"]))
 
