@@ -126,4 +126,7 @@ def load_run(args):
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as err:
         raise CLIError(str(err)) from err
     precision = args.precision or run.get("precision", "fp32")
-    return model.to(device), run, texts.to(device), device, precision
+    model, texts = model.to(device), texts.to(device)
+    # On CUDA: the kernels scoring launches are built now (one KernelBuildError line if they cannot be).
+    model.build_kernels(texts, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision), backward=False)
+    return model, run, texts, device, precision

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nearl_kernels import KernelBuildError
+
 from ._cli import CLIError, check_outputs, fail, pick_device, writing
 from ._io import atomic_save_figure, atomic_write_text
 from .backbones import create_clip
@@ -85,7 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         return fail(f"interrupted; the finished cells are in {os.path.join(args.out, 'results.csv')!r}, and the same "
                     "command continues with the rest")
-    except (CLIError, DataError) as err:
+    except (CLIError, DataError, KernelBuildError) as err:
         return fail(err)
 
 

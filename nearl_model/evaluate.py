@@ -15,6 +15,8 @@ import os
 import sys
 from typing import List, Optional
 
+from nearl_kernels import KernelBuildError
+
 from ._cli import CLIError, HelpFormatter, add_inference_args, check_outputs, fail, load_run, writing
 from ._io import atomic_write_text
 from .run_dir import LOCK_NAME, RUN_FILES
@@ -38,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _evaluate(args)
     except KeyboardInterrupt:
         return fail("interrupted; nothing was written")
-    except (CLIError, DataError) as err:
+    except (CLIError, DataError, KernelBuildError) as err:
         return fail(err)
 
 

@@ -8,6 +8,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+from nearl_kernels import KernelBuildError
+
 from ._cli import CLIError, HelpFormatter, add_inference_args, fail, load_run
 from .data import DataError, LabeledImages, read_image
 from .train import predict_probs
@@ -23,7 +25,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _predict(args)
     except KeyboardInterrupt:
         return fail("interrupted")
-    except (CLIError, DataError) as err:
+    except (CLIError, DataError, KernelBuildError) as err:
         return fail(err)
 
 

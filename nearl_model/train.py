@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nearl_kernels import KernelBuildError
+
 from ._cli import CLIError, HelpFormatter, check_outputs, fail, one_line, pick_device
 from ._io import atomic_write_bytes, atomic_write_text
 from .adapter_io import file_identity as _file_identity
@@ -120,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run(args, sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:
         return fail("interrupted before training started; nothing was written")
-    except (CLIError, DataError, RunDirError) as err:
+    except (CLIError, DataError, RunDirError, KernelBuildError) as err:
         return fail(err)
     finally:
         if dist.is_initialized():
@@ -281,8 +283,11 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> List[List[int]]:
     return [perm[i : i + batch] for i in range(0, n - batch + 1, batch)]
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
@@ -454,6 +459,9 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
     except (ValueError, RuntimeError) as err:
         raise CLIError(f"cannot tokenize the prompts for {args.model}: {err}") from err
     model.to(device)
+    # On CUDA: every kernel a step launches is built now, so a stack it does not build on
+    # costs one line before the first step, not a traceback after it.
+    model.build_kernels(texts, AUTOCAST_DTYPES.get(args.precision))
 
     n_train = len(train_set)
     batch = min(args.batch_size, n_train)

@@ -97,3 +97,33 @@ def test_nearlclip_double_runs_forward_and_backward_on_the_reference(mode, texts
     model.fused = True
     with pytest.raises(TypeError, match=r"fused=True\) runs float32, bfloat16 or float16; float64"):
         model(images, texts)
+
+
+FAST = ["--batch-size", "8", "--seed", "3", "--epochs", "1", "--max-steps", "1"]
+
+
+def one_error_line(err: str, *needles: str) -> None:
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_train_and_evaluate_stop_with_one_line_when_a_kernel_does_not_build(tmp_path, capsys, monkeypatch):
+    from helpers import write_image_folder
+    from nearl_model import evaluate, train
+
+    if not _dispatch.interpreting():
+        pytest.skip("the patched entry point is the interpreter's; this process compiles for a GPU")
+    folder = write_image_folder(tmp_path / "xrays", n_per_class=6)
+    # A finished run made on the reference maths, so evaluate has something to load.
+    assert train.main(["--data", str(folder), "--out", str(tmp_path / "run"), "--no-fused", *FAST]) == 0
+    capsys.readouterr()
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: (_ for _ in ()).throw(
+        OutOfResources(262_144, 232_448, "shared memory")))
+    range_text = f"nearl supports triton {nk.TRITON_RANGE[0]} to {nk.TRITON_RANGE[1]}"
+    assert train.main(["--data", str(folder), "--out", str(tmp_path / "fused"), *FAST]) == 2
+    one_error_line(capsys.readouterr().err, "did not build", range_text, "--no-fused")
+    assert not (tmp_path / "fused" / "summary.json").exists()
+    assert evaluate.main(["--adapter", str(tmp_path / "run" / "adapter.safetensors")]) == 2
+    one_error_line(capsys.readouterr().err, "did not build", range_text)
