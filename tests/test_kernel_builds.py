@@ -108,9 +108,9 @@ def one_error_line(err: str, *needles: str) -> None:
         assert needle in err, err
 
 
-def test_train_and_evaluate_stop_with_one_line_when_a_kernel_does_not_build(tmp_path, capsys, monkeypatch):
+def test_train_evaluate_and_predict_stop_with_one_line_when_a_kernel_does_not_build(tmp_path, capsys, monkeypatch):
     from helpers import write_image_folder
-    from nearl_model import evaluate, train
+    from nearl_model import evaluate, predict, train
 
     if not _dispatch.interpreting():
         pytest.skip("the patched entry point is the interpreter's; this process compiles for a GPU")
@@ -125,5 +125,9 @@ def test_train_and_evaluate_stop_with_one_line_when_a_kernel_does_not_build(tmp_
     assert train.main(["--data", str(folder), "--out", str(tmp_path / "fused"), *FAST]) == 2
     one_error_line(capsys.readouterr().err, "did not build", range_text, "--no-fused")
     assert not (tmp_path / "fused" / "summary.json").exists()
-    assert evaluate.main(["--adapter", str(tmp_path / "run" / "adapter.safetensors")]) == 2
+    adapter = str(tmp_path / "run" / "adapter.safetensors")
+    assert evaluate.main(["--adapter", adapter]) == 2
+    one_error_line(capsys.readouterr().err, "did not build", range_text)
+    image = str(next(p for p in sorted(folder.rglob("*.png"))))
+    assert predict.main(["--adapter", adapter, image]) == 2
     one_error_line(capsys.readouterr().err, "did not build", range_text)
