@@ -4,6 +4,7 @@ import copy
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -78,3 +79,22 @@ def write_dicom(path, pixels):
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
     ds.save_as(str(path), enforce_file_format=True)
+
+
+@pytest.fixture(autouse=True)
+def kernels_not_interpreted(monkeypatch):
+    """For CLI tests (import it into the module): --fused on CPU takes the custom ops'
+    reference maths; the kernels are tested elsewhere."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def fails(argv, capsys, message, cli=None):
+    """Run a CLI (train's by default) and check it refused with exit 2 and one ``error:`` line
+    containing ``message``, and never advised loading a file unsafely."""
+    if cli is None:
+        from nearl_model.train import main as cli
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert "weights_only=False" not in err and "allow_pickle" not in err, err
+    return err

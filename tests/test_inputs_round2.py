@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import write_dicom, write_image_folder
+from helpers import fails, kernels_not_interpreted, write_dicom, write_image_folder  # noqa: F401 (autouse fixture)
 from nearl_model import TINY_CLIP_CONFIG, NearlCLIP, NearlConfig, class_prompts, create_clip, evaluate, predict
 from nearl_model.backbones import load_pretrained_file
 from nearl_model.data import DataError, load_dataset, read_image
@@ -22,12 +22,6 @@ from nearl_model.train import main
 
 FAST = ["--batch-size", "4", "--lr", "5e-3", "--seed", "3", "--epochs", "1", "--max-steps", "1"]
 RUN_FILES = ("adapter.safetensors", "checkpoint.pt", "metrics.jsonl", "summary.json", "curves.png", "confusion.png")
-
-
-@pytest.fixture(autouse=True)
-def kernels_not_interpreted(monkeypatch):
-    # --fused on CPU takes the custom ops' reference maths; the kernels are tested elsewhere.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +35,6 @@ def finished(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "base"
     assert main(["--data", str(folder), "--out", str(out), *FAST]) == 0
     return out
-
-
-def fails(argv, capsys, message, cli=main):
-    assert cli(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
-    assert "weights_only=False" not in err and "allow_pickle" not in err, err
-    return err
 
 
 def snapshot(folder):

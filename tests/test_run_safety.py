@@ -8,19 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import write_image_folder
+from helpers import fails, kernels_not_interpreted, write_image_folder  # noqa: F401 (autouse fixture)
 from nearl_model import NearlCLIP, _io, evaluate, predict, train
 from nearl_model._progress import Progress
 from nearl_model.adapter_io import read_adapter, read_run
 from nearl_model.train import build_parser, main, resolve_config
 
 FAST = ["--batch-size", "8", "--lr", "5e-3", "--seed", "3", "--epochs", "1", "--max-steps", "2"]
-
-
-@pytest.fixture(autouse=True)
-def kernels_not_interpreted(monkeypatch):
-    # --fused on CPU takes the custom ops' reference maths; the kernels are tested elsewhere.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +27,6 @@ def trained(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
     assert main(["--data", str(folder), "--out", str(out), *FAST]) == 0
     return out
-
-
-def fails(argv, capsys, message, cli=main):
-    assert cli(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
-    return err
 
 
 @pytest.mark.parametrize("flag,value,rule", [

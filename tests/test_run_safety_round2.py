@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from helpers import write_image_folder
+from helpers import fails, kernels_not_interpreted, write_image_folder  # noqa: F401 (autouse fixture)
 from nearl_model import NearlCLIP, _io, compare, evaluate
 from nearl_model.data import DataError
 from nearl_model.run_dir import COMMIT_NAME, STAGING_NAME, RunDir, RunDirError
@@ -29,12 +29,6 @@ FAST = ["--batch-size", "8", "--lr", "5e-3", "--seed", "3", "--epochs", "1", "--
 # Two one-step epochs: a checkpoint after the first, so a failure in the second has one to keep.
 TWO_EPOCHS = [*FAST[:-4], "--epochs", "2", "--max-steps", "1"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def kernels_not_interpreted(monkeypatch):
-    # --fused on CPU takes the custom ops' reference maths; the kernels are tested elsewhere.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +42,6 @@ def base(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "base"
     assert main(["--data", str(folder), "--out", str(out), *FAST]) == 0
     return out
-
-
-def fails(argv, capsys, message, cli=main):
-    assert cli(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
-    return err
 
 
 def hashes(directory):
