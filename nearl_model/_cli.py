@@ -8,6 +8,9 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+# --precision -> the autocast dtype (fp32: no autocast), for every CLI and the comparison methods.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each flag's default, except where there is none to show (None)."""
@@ -128,5 +131,5 @@ def load_run(args):
     precision = args.precision or run.get("precision", "fp32")
     model, texts = model.to(device), texts.to(device)
     # On CUDA: the kernels scoring launches are built now (one KernelBuildError line if they cannot be).
-    model.build_kernels(texts, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision), backward=False)
+    model.build_kernels(texts, AUTOCAST_DTYPES.get(precision), backward=False)
     return model, run, texts, device, precision

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from nearl_kernels import KernelBuildError
 
-from ._cli import CLIError, HelpFormatter, check_outputs, fail, one_line, pick_device
+from ._cli import AUTOCAST_DTYPES, CLIError, HelpFormatter, check_outputs, fail, one_line, pick_device
 from ._io import atomic_write_bytes, atomic_write_text
 from .adapter_io import file_identity as _file_identity
 from .adapter_io import resolved
@@ -281,9 +281,6 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> List[List[int]]:
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
     return [perm[i : i + batch] for i in range(0, n - batch + 1, batch)]
-
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _autocast(device: torch.device, precision: str):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._cli import AUTOCAST_DTYPES
 from ..data import LabeledImages
 from ..prompts import tokenize_prompts
 from ..towers import text_tower
@@ -113,7 +114,7 @@ class Backbone:
         return self.clip.logit_scale.exp().float()
 
     def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        dtype = AUTOCAST_DTYPES.get(self.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def tokens(self, prompts: Sequence[str]) -> torch.Tensor:
