@@ -231,7 +231,7 @@ if __name__ == "__main__":
 
 # The floor setup.py declares, the release torch 2.11 brings (where the USEformer once failed to
 # build), and the newest: each installed into a cache and the gate run under it (sm_90; the full
-# matrix, every release on sm_90 and sm_80, is in the README). The suite fails if a kernel stops
+# matrix, every release on sm_90 and sm_80, is in docs/kernel-design.md). The suite fails if a kernel stops
 # building under any of them.
 @pytest.mark.parametrize("release", ["3.4.0", "3.6.0", "3.9.0"])
 def test_every_kernel_compiles_under_the_declared_triton_releases(release, tmp_path):

@@ -8,7 +8,7 @@ optimiser (AdamW, weight decay 0.01 on matrices, linear warm-up over 10% of
 the steps then cosine, gradient norm clipped at 1) at lr 1e-3, batch 32, but
 counts a fixed number of optimiser steps (STEPS) instead of epochs: a few-shot
 set is one or two batches, so 20 epochs is 20 to 40 steps, and on the demo the
-loss does not move before step ~25 (see the README's learning-speed section).
+loss does not move before step ~25 (see docs/learning-speed.md).
 """
 
 import numpy as np

@@ -1,0 +1,120 @@
+"""Every figure table in README.md and docs/*.md, rendered from the committed results that hold it.
+
+    python docs/generate.py            # fail, naming the block, if any table differs from its source
+    python docs/generate.py --write    # rewrite the tables from their sources
+
+A generated table sits between ``<!-- generated: NAME -->`` and
+``<!-- /generated: NAME -->``; NAME is a key of ``BLOCKS``, whose function
+reads the committed files (benchmark JSON, compile-gate tables, comparison
+CSV) and returns the Markdown. Nothing here reruns an experiment: the
+command that produced each source is named beside its table.
+``tests/test_docs.py`` runs the check, so a table typed by hand, or one left
+behind when its source was regenerated, fails CI.
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+from typing import Callable, Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w:.-]+) -->\n)(?P<body>.*?)(<!-- /generated: (?P=name) -->)", re.S)
+
+
+def _benchmarks_module(name: str):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def _release_key(path: str) -> tuple:
+    return tuple(int(p) for p in os.path.basename(path).split("-", 1)[1].split("."))
+
+
+def compile_gate_matrix() -> str:
+    """One row per Triton release: what the gate built for each target, and whether all of it passed."""
+    lines = ["| Triton | torch it ran under | sm_90 (H100/H200) | sm_80 (A100) |", "|---|---|---|---|"]
+    for folder in sorted(glob.glob(os.path.join(RESULTS, "compile_gate", "triton-*")), key=_release_key):
+        cells, torch_version = [], "?"
+        for arch in ("sm90", "sm80"):
+            with open(os.path.join(folder, f"{arch}.json")) as f:
+                table = json.load(f)
+            torch_version = table["torch"]
+            failed = sum(1 for row in table["rows"] if row["failures"])
+            verdict = "PASS" if table["passed"] else f"FAIL ({failed} rows)"
+            cells.append(f"{verdict}: {len(table['rows'])} kernel builds, {failed} flagged")
+        lines.append(f"| {os.path.basename(folder).split('-', 1)[1]} | {torch_version} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_benchmark_rows():
+    report = _benchmarks_module("report")
+    return report, *report.load_rows(os.path.join(RESULTS, "cpu-2core.json"))
+
+
+def benchmarks_cpu_table() -> str:
+    """The whole committed CPU benchmark table, exactly as report.py renders it."""
+    report, rows, machine = _cpu_benchmark_rows()
+    return report.markdown(rows, machine, machine.get("nearl_env", {}))
+
+
+def benchmarks_cpu_headline() -> str:
+    """The README's cut of that table: every op's full step (forward + backward) and the model's training step."""
+    report, rows, machine = _cpu_benchmark_rows()
+    kept = [r for r in rows if r["mode"] in ("full", "train_step")]
+    return report.markdown(kept, machine, machine.get("nearl_env", {}))
+
+
+BLOCKS: Dict[str, Callable[[], str]] = {
+    "compile-gate-matrix": compile_gate_matrix,
+    "benchmarks-cpu": benchmarks_cpu_table,
+    "benchmarks-cpu-headline": benchmarks_cpu_headline,
+}
+
+
+def render(text: str, page: str) -> (str, List[str]):
+    """``text`` with every generated block re-rendered, and the names of the blocks that changed."""
+    changed = []
+
+    def replace(match):
+        name = match.group("name")
+        if name not in BLOCKS:
+            raise SystemExit(f"error: {page}: generated block {name!r} has no renderer in docs/generate.py BLOCKS")
+        body = BLOCKS[name]()
+        if body != match.group("body"):
+            changed.append(name)
+        return match.group(1) + body + match.group(4)
+
+    return BLOCK.sub(replace, text), changed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--write", action="store_true", help="rewrite the blocks instead of checking them")
+    args = p.parse_args(argv)
+    stale = []
+    for page in PAGES:
+        path = os.path.join(ROOT, page)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        new, changed = render(text, page)
+        stale += [f"{page}: {name}" for name in changed]
+        if args.write and changed:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(new)
+    if stale and not args.write:
+        print("stale generated tables (run python docs/generate.py --write):\n  " + "\n  ".join(stale), file=sys.stderr)
+        return 1
+    print(("rewrote " if args.write else "up to date: ") + (", ".join(stale) if args.write else f"{len(PAGES)} pages"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
