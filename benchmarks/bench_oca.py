@@ -6,11 +6,12 @@ import torch
 from common import DEVICE, MODES, PROVIDERS, Case, measure, provider_or_skip, xformers_attention
 from nearl_kernels.oca import OCAFunction, oca_reference
 from nearl_kernels.oca.ops import resolve_dot_dtype
+from nearl_kernels.roofline import HEADS, M, OCA_SHAPES, R, oca_flops
 
-R, M, HEADS = 32, 16, 2
+# The GPU rows are the roofline's shapes: the kernel headers' figures and the compile gate's waves
+# are about these.
 SHAPES = {
-    "gpu": [dict(id="image-G64-L197-d768", G=64, L=197, d=768, T=1),
-            dict(id="text-G256-L16-d512-T4", G=256, L=16, d=512, T=4)],
+    "gpu": [dict(s) for s in OCA_SHAPES],
     "cpu": [dict(id="image-G4-L197-d768", G=4, L=197, d=768, T=1),
             dict(id="text-G16-L16-d512-T4", G=16, L=16, d=512, T=4)],
     "smoke": [dict(id="image-G2-L197-d768", G=2, L=197, d=768, T=1),
@@ -53,7 +54,7 @@ def oca_case(shape, provider) -> Case:
         fn = _COMPILED.setdefault(shape["id"], provider_or_skip("compiled", reference, fused, xformers))
     else:
         fn = provider_or_skip(provider, reference, fused, xformers)
-    flops = G * L * (4 * R * M + 2 * R * d + 8 * d) + 4 * (G // T) * M * R * R
+    flops = oca_flops(G, L, d, T)
     return Case(fn, inputs, inputs[:8], flops, shape["id"], audit_tokens=G * L,
                 notes={"dtype": str(DTYPE).replace("torch.", "")})
 

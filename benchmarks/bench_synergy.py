@@ -5,12 +5,14 @@ import torch
 
 from common import DEVICE, MODES, PROVIDERS, Case, measure, provider_or_skip, xformers_attention
 from nearl_kernels.synergy import PARAM_NAMES, SynergyFunction, synergy_reference
+from nearl_kernels.roofline import FFN_RATIO as FFN
+from nearl_kernels.roofline import HEADS, M, R, SYNERGY_SHAPES, synergy_flops
 from nearl_model.modules import USEformerBlock
 
-R, M, HEADS, FFN = 32, 16, 2, 14
-# Context = a ViT-B/16 image's 197 tokens plus K prompts of 16 tokens.
+# Context = a ViT-B/16 image's 197 tokens plus K prompts of 16 tokens. The GPU row is the
+# roofline's shape: the kernel headers' figures and the compile gate's waves are about it.
 SHAPES = {
-    "gpu": [dict(id="G64-Lc261-K4", G=64, Lc=197 + 4 * 16)],
+    "gpu": [dict(s) for s in SYNERGY_SHAPES],
     "cpu": [dict(id="G4-Lc261-K4", G=4, Lc=197 + 4 * 16)],
     "smoke": [dict(id="G2-Lc229-K2", G=2, Lc=197 + 2 * 16)],
 }
@@ -53,8 +55,7 @@ def synergy_case(shape, provider) -> Case:
         fn = _COMPILED.setdefault(shape["id"], provider_or_skip("compiled", reference, fused, xformers))
     else:
         fn = provider_or_skip(provider, reference, fused, xformers)
-    hidden = FFN * R
-    flops = G * (2 * M * R * R + 4 * Lc * R * R + 4 * M * Lc * R + 2 * M * R * R + 4 * M * R * hidden)
+    flops = synergy_flops(G, Lc)
     inputs = [z, ctx, *params]
     return Case(fn, inputs, inputs, flops, shape["id"], notes={"dtype": str(dtype).replace("torch.", "")})
 

@@ -16,6 +16,12 @@ fails the gate on
 - a grid over CUDA's limits (axis 0 <= 2^31 - 1, axes 1 and 2 <= 65,535),
 - a block that does not fit on an SM at all.
 
+At the benchmark shapes (``nearl_kernels/roofline.py``, the same cases the
+benchmarks time, always part of the envelope) it also reports every launch's
+programs and waves, programs / (SMs x resident blocks per SM), from the grids
+the real launchers chose; a launch under one full wave is flagged in the
+report (it leaves SMs idle) without failing the gate.
+
 Usage::
 
     python -m nearl_kernels.compile_check                  # sm_90 and sm_80, default envelope
@@ -157,6 +163,33 @@ def _synergy_case(G, Lc, r, M, heads, F, dtypes) -> Iterator[Case]:
         yield Case(op, f"{op}:{tag}", p)
 
 
+BENCH_TAG = "bench-"
+
+
+def benchmark_case(op: str, mode: str, shape: dict) -> Case:
+    """The launcher call a benchmark row makes (``op`` "oca" or "synergy", ``mode`` "forward" or
+    "backward", ``shape`` one of :mod:`~nearl_kernels.roofline`'s): its adapter and its dtypes,
+    bf16 activations with fp32 queries and weights. Labelled ``<op>_<fwd|bwd>:bench-<shape id>``."""
+    from . import roofline
+
+    kernel_op = f"{op}_{'fwd' if mode == 'forward' else 'bwd'}"
+    if op == "oca":
+        p = dict(G=shape["G"], L=shape["L"], d=shape["d"], r=roofline.R, M=roofline.M, heads=roofline.HEADS,
+                 group_size=shape["T"], x=torch.bfloat16, h=torch.bfloat16, dot=None)
+    else:
+        p = dict(G=shape["G"], Lc=shape["Lc"], r=roofline.R, M=roofline.M, heads=roofline.HEADS, F=roofline.F,
+                 z=torch.float32, ctx=torch.bfloat16)
+    return Case(kernel_op, f"{kernel_op}:{BENCH_TAG}{shape['id']}", p)
+
+
+def benchmark_cases() -> List[Case]:
+    """Every benchmark shape and mode of both ops: the launches whose waves the gate reports."""
+    from . import roofline
+
+    return [benchmark_case(op, mode, shape) for op, shapes in roofline.SHAPES.items()
+            for shape in shapes for mode in roofline.MODES]
+
+
 def _towers() -> List[Tuple[int, int]]:
     """(d, L) of every tower width with each of its sequence lengths, plus the odd width."""
     pairs = [(d, L) for d in IMAGE_WIDTHS for L in IMAGE_LENGTHS + SHORT_LENGTHS]
@@ -242,7 +275,7 @@ def default_cases() -> List[Case]:
     for Lc, F in itertools.product(_contexts() + [7], FFN_HIDDEN):
         cases += _synergy_case(4, Lc, DEFAULT_R, DEFAULT_M, DEFAULT_HEADS, F, SYNERGY_DTYPES[1])
     cases += _paired_cases(DEFAULT_R, DEFAULT_M, DEFAULT_HEADS, [bf16], [SYNERGY_DTYPES[1]])
-    return cases
+    return cases + benchmark_cases()
 
 
 def full_cases() -> List[Case]:
@@ -262,7 +295,7 @@ def full_cases() -> List[Case]:
         cases += _synergy_case(4, Lc, r, M, heads, F, dt)
     for r, M, heads in adapters:
         cases += _paired_cases(r, M, heads, OCA_DTYPES, SYNERGY_DTYPES)
-    return cases
+    return cases + benchmark_cases()
 
 
 ENVELOPES = {"default": default_cases, "full": full_cases}
@@ -491,13 +524,23 @@ def _patched_sm_count(arch: Arch):
     return holders, original
 
 
-def collect(cases: List[Case], arch: Arch) -> Tuple[List[Task], List[dict], Dict[str, List[str]]]:
+class LaunchRecord(NamedTuple):
+    """One launch of one case, in the order the launcher made it."""
+
+    case: str
+    kernel: str
+    key: str                 # the specialisation it compiled as (Task.key)
+    grid: Tuple[int, ...]
+
+
+def collect(cases: List[Case], arch: Arch
+            ) -> Tuple[List[Task], List[dict], Dict[str, List[str]], List[LaunchRecord]]:
     """Run each case's launcher on meta tensors for ``arch``; group launches by specialisation.
 
-    Returns (tasks, case failures, refused): a launcher that raises is a
-    failure of its case (a signature the kernel no longer has, ...); a case
-    the public op's input checks refuse is not run, and listed in ``refused``
-    by reason.
+    Returns (tasks, case failures, refused, launches): a launcher that raises
+    is a failure of its case (a signature the kernel no longer has, ...); a
+    case the public op's input checks refuse is not run, and listed in
+    ``refused`` by reason; ``launches`` is every launch in order.
     """
     from ._launch_hook import intercept_launches
 
@@ -507,6 +550,7 @@ def collect(cases: List[Case], arch: Arch) -> Tuple[List[Task], List[dict], Dict
     failures: Dict[Tuple[str, str], dict] = {}
     refused: Dict[str, List[str]] = {}
     current: List[Case] = []
+    records: List[LaunchRecord] = []
 
     def on_launch(launch):
         case = current[0]
@@ -522,6 +566,7 @@ def collect(cases: List[Case], arch: Arch) -> Tuple[List[Task], List[dict], Dict
                 tuple(_freeze(a) for a in launch.args), {k: _freeze(v) for k, v in launch.kwargs.items()},
                 cost=_cost_guess(launch))
         task.grids[case.label] = tuple(int(g) for g in launch.grid)
+        records.append(LaunchRecord(case.label, launch.name, key, task.grids[case.label]))
         return None
 
     try:
@@ -545,7 +590,7 @@ def collect(cases: List[Case], arch: Arch) -> Tuple[List[Task], List[dict], Dict
     finally:
         for m in holders:
             m.sm_count = original
-    return list(tasks.values()), list(failures.values()), refused
+    return list(tasks.values()), list(failures.values()), refused, records
 
 
 def _first_line(e: BaseException) -> str:
@@ -826,6 +871,44 @@ def judge(task: Task, result: dict) -> dict:
     return row
 
 
+def waves(programs: int, arch: Arch, blocks_per_sm: Optional[int]) -> Optional[float]:
+    """Programs over what the GPU runs at once (SMs x resident blocks per SM); None if unknown."""
+    if not blocks_per_sm:
+        return None
+    return programs / (arch.sm_count * blocks_per_sm)
+
+
+def wave_rows(records: List["LaunchRecord"], rows: List[dict], arch: Arch) -> List[dict]:
+    """Programs and waves of every launch of the benchmark cases, in launch order; a launch
+    under one full wave leaves SMs idle for its whole run and is flagged."""
+    by_key = {(r["kernel"], r["key"]): r for r in rows if r.get("key") is not None}
+    out = []
+    for rec in records:
+        if BENCH_TAG not in rec.case:
+            continue
+        row = by_key.get((rec.kernel, rec.key))
+        blocks = row["blocks_per_sm"] if row else None
+        programs = math.prod(rec.grid)
+        w = waves(programs, arch, blocks)
+        out.append(dict(case=rec.case, kernel=rec.kernel, grid=list(rec.grid), programs=programs,
+                        blocks_per_sm=blocks, sm_count=arch.sm_count, waves=None if w is None else round(w, 3),
+                        under_one_wave=w is not None and w < 1))
+    return out
+
+
+WAVE_COLUMNS = ("case", "kernel", "programs", "blocks/SM", "waves", "flag")
+
+
+def render_waves(wave_list: List[dict]) -> str:
+    lines = ["| " + " | ".join(WAVE_COLUMNS) + " |", "|" + "---|" * len(WAVE_COLUMNS)]
+    for w in wave_list:
+        cells = [w["case"], w["kernel"], f"{w['programs']:,}", "-" if w["blocks_per_sm"] is None else
+                 str(w["blocks_per_sm"]), "-" if w["waves"] is None else f"{w['waves']:.2f}",
+                 "**< 1 wave**" if w["under_one_wave"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _launcher_row(f: dict) -> dict:
     return dict(kernel=f["kernel"], config="-", target=f["target"], key=None, cases=f["cases"],
                 registers=None, spills=None, shared=None, blocks_per_sm=None, mma="?", grid_max=None,
@@ -862,7 +945,8 @@ def _versions() -> dict:
     return dict(triton=triton.__version__, torch=torch.__version__)
 
 
-def write_report(out_dir: str, arch: Arch, rows: List[dict], header: dict) -> Tuple[str, str]:
+def write_report(out_dir: str, arch: Arch, rows: List[dict], header: dict,
+                 wave_list: Optional[List[dict]] = None) -> Tuple[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, arch.name.replace("_", ""))
     failed = [r for r in rows if r["status"] == "FAIL"]
@@ -870,7 +954,7 @@ def write_report(out_dir: str, arch: Arch, rows: List[dict], header: dict) -> Tu
                limits=dict(smem_per_block=arch.smem_per_block, smem_per_sm=arch.smem_per_sm,
                            regs_per_sm=arch.regs_per_sm, threads_per_sm=arch.threads_per_sm,
                            blocks_per_sm=arch.blocks_per_sm, grid=list(GRID_LIMITS)),
-               passed=not failed, rows=rows)
+               passed=not failed, rows=rows, waves=wave_list or [])
     with open(stem + ".json", "w") as f:
         json.dump(doc, f, indent=1, default=str)
     md = [
@@ -896,6 +980,13 @@ def write_report(out_dir: str, arch: Arch, rows: List[dict], header: dict) -> Tu
             for reason in r["failures"]:
                 md.append(f"- `{r['kernel']}` [{r['config']}] on {r['target']}: {reason} "
                           f"(e.g. {r['cases'][0]})")
+    if wave_list:
+        under = sum(w["under_one_wave"] for w in wave_list)
+        md += ["", "## Programs and waves at the benchmark shapes", "",
+               f"The benchmarks' launches (shapes in `nearl_kernels/roofline.py`): waves = programs / "
+               f"({arch.sm_count} SMs x blocks per SM). A launch under one full wave leaves SMs idle for "
+               f"its whole run: flagged ({under} of {len(wave_list)}), not failed.", "",
+               render_waves(wave_list)]
     refused = header["refused"].get(arch.name, {})
     if refused:
         md += ["", "## Outside the ops' own bounds (not compiled)", ""]
@@ -918,11 +1009,11 @@ def run_gate(arch_names: List[str], envelope: str = "default", jobs: Optional[in
     if case_filter:
         cases = [c for c in cases if re.search(case_filter, c.label)]
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    tasks, launcher_failures, n_cases, refused = [], {}, {}, {}
+    tasks, launcher_failures, n_cases, refused, records = [], {}, {}, {}, {}
     for name in arch_names:
         arch = ARCHS[name]
         t0 = time.perf_counter()
-        arch_tasks, failures, refused[name] = collect(cases, arch)
+        arch_tasks, failures, refused[name], records[name] = collect(cases, arch)
         tasks += arch_tasks
         launcher_failures[name] = failures
         n_refused = sum(len(v) for v in refused[name].values())
@@ -941,19 +1032,21 @@ def run_gate(arch_names: List[str], envelope: str = "default", jobs: Optional[in
     results = _compile_all(tasks, jobs, progress)
     wall = time.perf_counter() - start
     rows: Dict[str, List[dict]] = {}
+    wave_lists: Dict[str, List[dict]] = {}
     for name in arch_names:
         judged = [judge(t, r) for t, r in zip(tasks, results) if t.arch == name]
         judged.sort(key=lambda r: (r["kernel"], r["config"]))
         rows[name] = [_launcher_row(f) for f in launcher_failures[name]] + judged
+        wave_lists[name] = wave_rows(records[name], judged, ARCHS[name])
     cpu = {name: round(sum(r.get("cpu_s", 0.0) for t, r in zip(tasks, results) if t.arch == name), 1)
            for name in arch_names}
     header = dict(_versions(), envelope=envelope, wall_s=wall, jobs=jobs, archs=arch_names, cases=n_cases,
                   compile_cpu_s=cpu, case_filter=case_filter, refused=refused)
     if out_dir:
         for name in arch_names:
-            write_report(out_dir, ARCHS[name], rows[name], header)
+            write_report(out_dir, ARCHS[name], rows[name], header, wave_lists[name])
     passed = all(r["status"] == "ok" for rs in rows.values() for r in rs)
-    return dict(rows=rows, passed=passed, wall_s=wall, header=header)
+    return dict(rows=rows, passed=passed, wall_s=wall, header=header, waves=wave_lists)
 
 
 def _cores() -> int:
@@ -1013,6 +1106,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in archs:
         print(f"\n{name} ({ARCHS[name].gpu}, {ARCHS[name].sm_count} SMs):")
         print(render_console(gate["rows"][name]))
+        under = [w for w in gate["waves"][name] if w["under_one_wave"]]
+        for w in under:
+            print(f"under one wave: {w['kernel']} in {w['case']}: {w['programs']:,} programs, "
+                  f"{w['blocks_per_sm']} blocks/SM -> {w['waves']:.2f} waves")
     failures = [(r, reason) for rs in gate["rows"].values() for r in rs for reason in r["failures"]]
     for r, reason in failures:
         print(f"FAIL {r['kernel']} [{r['config']}] {r['target']}: {reason}", file=sys.stderr)

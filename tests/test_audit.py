@@ -63,11 +63,12 @@ def test_synergy_forward_reads_each_context_token_once():
     params = [getattr(block, n).detach() for n in PARAM_NAMES]
     with TrafficAudit() as audit:
         synergy_fwd_triton(z, ctx, mask, params, 2)
-    per_kernel = audit.kernel_bytes["synergy_fwd_kernel"]
-    assert per_kernel["ctx"] == ctx.numel() * ctx.element_size()
-    assert per_kernel["mask"] == mask.numel()
-    assert per_kernel["out"] == z.numel() * z.element_size()
-    assert audit.kernel_launches == {"synergy_fwd_kernel": 1}
+    # The context is split across programs, each reading only its own tokens.
+    split = audit.kernel_bytes["synergy_fwd_split_kernel"]
+    assert split["ctx"] == ctx.numel() * ctx.element_size()
+    assert split["mask"] == mask.numel()
+    assert audit.kernel_bytes["synergy_fwd_combine_kernel"]["out"] == z.numel() * z.element_size()
+    assert audit.kernel_launches == {"synergy_fwd_split_kernel": 1, "synergy_fwd_combine_kernel": 1}
 
 
 def test_tensors_are_named_by_kernel_parameters_without_ptr():

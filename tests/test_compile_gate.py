@@ -19,8 +19,9 @@ import triton.language as tl
 from nearl_kernels.compile_check import ARCHS, dot_report, occupancy, parse_ptxas_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMED_KERNELS = ("oca_fwd_kernel", "oca_bwd_kernel", "synergy_fwd_kernel", "synergy_bwd_ffn_kernel", "synergy_bwd_tail_kernel",
-                 "synergy_bwd_ctx_kernel", "synergy_bwd_finish_kernel")
+NAMED_KERNELS = ("oca_fwd_kernel", "oca_bwd_kernel", "synergy_fwd_split_kernel", "synergy_fwd_combine_kernel",
+                 "synergy_bwd_ffn_kernel", "synergy_bwd_tail_kernel", "synergy_bwd_ctx_kernel",
+                 "synergy_bwd_finish_kernel")
 
 
 def compiler_env() -> dict:

@@ -139,6 +139,11 @@ def _token_launch(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group
     M, r = z.shape[1], h.shape[2]
     BR, BM = next_pow2(r), next_pow2(M)
     BL, BD, warps, maxnreg = _tiles(which, _precision(dot_dtype), BR, BM, d)
+    # At least two programs per SM where fewer tokens per tile add programs (the compile
+    # gate's waves): 64 images of 197 tokens launch 448 tiles of 32, not 256 of 64.
+    target = 2 * sm_count(x.device)
+    while BL > 16 and G * triton.cdiv(L, BL) < target and triton.cdiv(L, BL // 2) > triton.cdiv(L, BL):
+        BL //= 2
     NL = triton.cdiv(L, BL)
     tensors = (
         x.contiguous(), h.contiguous(), *_kv(z, w_k, w_v),
@@ -174,9 +179,10 @@ def oca_fwd_triton(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, grou
 
 def _dwu_splits(n_tokens: int, n_col_blocks: int, device: torch.device) -> int:
     # Enough (column block, token split) programs to fill the GPU; at least
-    # 256 tokens per split so each program amortises its (r, BLOCK_D) store.
+    # 128 tokens per split so each program amortises its (r, BLOCK_D) store
+    # (256 left the text tower's 4,096 tokens at under one wave).
     target = 4 * sm_count(device)
-    return max(1, min(triton.cdiv(n_tokens, 256), target // n_col_blocks, 65_535))
+    return max(1, min(triton.cdiv(n_tokens, 128), target // n_col_blocks, 65_535))
 
 
 @no_autocast

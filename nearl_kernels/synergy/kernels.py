@@ -157,37 +157,44 @@ def _scores(b_q, b_kt, valid, m_c, scale):
     return tl.where(m_c[None, :], s, float("-inf"))
 
 
-@triton.jit(do_not_specialize=["Lc", "M", "R", "F", "H"])
-def synergy_fwd_kernel(
+@triton.jit(do_not_specialize=["Lc", "NS", "CH", "M", "R", "H"])
+def synergy_fwd_split_kernel(
     z_ptr,     # [G, M, R]   synergy queries
     ctx_ptr,   # [G, Lc, R]  context tokens
     mask_ptr,  # [G, Lc]     uint8, 1 = real token
     p_ptr,     # [P]         packed block tensors, fp32
-    out_ptr,   # [G, M, R]   updated queries, z's dtype
-    o_ptr,     # [G, M, R]   fp32 attention output, saved for backward
-    lse_ptr,   # [G, M, R]   fp32 log-sum-exp, column-wise per head, saved for backward
-    Lc, M, R, F, H, scale,
-    BM: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BF: tl.constexpr,
+    m_ptr,     # [G, NS, M, R]  out, fp32 running max of the split, column-wise per head
+    l_ptr,     # [G, NS, M, R]  out, fp32 softmax denominator of the split, ditto
+    acc_ptr,   # [G, NS, M, R]  out, fp32 unnormalised attention output of the split
+    Lc, NS, CH, M, R, H, scale,
+    BM: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):
-    i_g = tl.program_id(0).to(tl.int64)
+    """Attention of a group's queries over one split of CH context tokens (a multiple of BC):
+    every (group, split) is its own program, and the splits are merged by the combine kernel."""
+    i_p = tl.program_id(0).to(tl.int64)
+    i_g, i_s = i_p // NS, i_p % NS
     z_ptr += i_g * M * R
-    out_ptr += i_g * M * R
-    o_ptr += i_g * M * R
-    lse_ptr += i_g * M * R
     ctx_ptr += i_g * Lc * R
     mask_ptr += i_g * Lc
+    m_ptr += i_p * M * R
+    l_ptr += i_p * M * R
+    acc_ptr += i_p * M * R
     RH = R // H
     o_m, o_r = tl.arange(0, BM), tl.arange(0, BR)
     m_m, m_r = o_m < M, o_r < R
-    o_wq, o_wk, o_wv, o_wo, o_ln2, o_w1, o_w2 = _offsets(R, F)
+    # Only the k/v offsets are used here, and they do not depend on the FFN width.
+    o_wq, o_wk, o_wv, o_wo, o_ln2, o_w1, o_w2 = _offsets(R, 0)
 
+    # Each split recomputes the queries (M x R x R): cheaper than a launch to share them.
     b_q = _queries(z_ptr, p_ptr, o_m, o_r, m_m, m_r, R)  # [BM, BR]
     m_col = tl.full((BM, BR), NEG, dtype=tl.float32)
     l_col = tl.zeros((BM, BR), dtype=tl.float32)
     b_acc = tl.zeros((BM, BR), dtype=tl.float32)
-    for start in range(0, Lc, BC):
+    c0 = i_s * CH
+    c1 = tl.minimum(c0 + CH, Lc)
+    for start in range(c0, c1, BC):
         o_c = start + tl.arange(0, BC)
-        m_c = o_c < Lc
+        m_c = o_c < c1
         b_cn, c_hat, c_rstd, valid = _context_block(ctx_ptr, mask_ptr, p_ptr, o_c, m_c, o_r, m_r, R)
         # Every head's keys and values at once ([BR, BC]); a head's queries are masked
         # to its columns, so they meet only its rows.
@@ -204,6 +211,56 @@ def synergy_fwd_kernel(
             b_acc += tl.dot(p, tl.trans(tl.where(m_e[:, None], b_vt, 0.0)), input_precision="ieee")
             m_col = tl.where(m_e[None, :], m_new[:, None], m_col)
             l_col = tl.where(m_e[None, :], (l_old * alpha + tl.sum(p, 1))[:, None], l_col)
+    p_mr, m_mr = _rows(m_ptr, o_m, o_r, m_m, m_r, R)
+    tl.store(p_mr, m_col, mask=m_mr)
+    tl.store(_rows(l_ptr, o_m, o_r, m_m, m_r, R)[0], l_col, mask=m_mr)
+    tl.store(_rows(acc_ptr, o_m, o_r, m_m, m_r, R)[0], b_acc, mask=m_mr)
+
+
+@triton.jit(do_not_specialize=["NS", "M", "R", "F"])
+def synergy_fwd_combine_kernel(
+    z_ptr,     # [G, M, R]   synergy queries
+    p_ptr,     # [P]         packed block tensors, fp32
+    m_ptr,     # [G, NS, M, R]  fp32 per-split running max (split kernel)
+    l_ptr,     # [G, NS, M, R]  fp32 per-split denominators
+    acc_ptr,   # [G, NS, M, R]  fp32 per-split unnormalised outputs
+    out_ptr,   # [G, M, R]   updated queries, z's dtype
+    o_ptr,     # [G, M, R]   fp32 attention output, saved for backward
+    lse_ptr,   # [G, M, R]   fp32 log-sum-exp, column-wise per head, saved for backward
+    NS, M, R, F,
+    BM: tl.constexpr, BR: tl.constexpr, BF: tl.constexpr,
+):
+    """Merge a group's splits in a fixed order (deterministic, no atomics), then the queries'
+    tail: output projection, LN_2 and the FFN in hidden chunks of BF. One program per group."""
+    i_g = tl.program_id(0).to(tl.int64)
+    z_ptr += i_g * M * R
+    out_ptr += i_g * M * R
+    o_ptr += i_g * M * R
+    lse_ptr += i_g * M * R
+    m_ptr += i_g * NS * M * R
+    l_ptr += i_g * NS * M * R
+    acc_ptr += i_g * NS * M * R
+    o_m, o_r = tl.arange(0, BM), tl.arange(0, BR)
+    m_m, m_r = o_m < M, o_r < R
+    o_wq, o_wk, o_wv, o_wo, o_ln2, o_w1, o_w2 = _offsets(R, F)
+
+    # Unnormalised (max, sum, output) triples merge exactly: a split whose tokens are all
+    # masked has max NEG and weighs exp(NEG - m) = 0 next to a real token, and a group
+    # with no real token sums every split's counts, as one program over the whole context would.
+    p_mr, m_mr = _rows(m_ptr, o_m, o_r, m_m, m_r, R)
+    p_l, _ = _rows(l_ptr, o_m, o_r, m_m, m_r, R)
+    p_acc, _ = _rows(acc_ptr, o_m, o_r, m_m, m_r, R)
+    m_col = tl.full((BM, BR), NEG, dtype=tl.float32)
+    l_col = tl.zeros((BM, BR), dtype=tl.float32)
+    b_acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for s in range(NS):
+        m_s = tl.load(p_mr + s * M * R, mask=m_mr, other=NEG)
+        m_new = tl.maximum(m_col, m_s)
+        a_old, a_s = tl.exp(m_col - m_new), tl.exp(m_s - m_new)
+        # Rows beyond M read a count of 1 per split, so their (discarded) output is 0, not 0 / 0.
+        l_col = l_col * a_old + tl.load(p_l + s * M * R, mask=m_mr, other=1.0) * a_s
+        b_acc = b_acc * a_old + tl.load(p_acc + s * M * R, mask=m_mr, other=0.0) * a_s
+        m_col = m_new
     # Padding columns (r not a power of two) belong to no head: give them l = 1.
     l_col = tl.where(m_r[None, :], l_col, 1.0)
     b_o = tl.where(m_r[None, :], b_acc / l_col, 0.0)

@@ -16,7 +16,7 @@ from .._checks import (check_fusable, check_heads, check_same_device, check_shap
                        reference_dtype)
 from .._dispatch import eager_cpu, launch, new_output, next_pow2, no_autocast, use_triton
 from .kernels import (synergy_bwd_ctx_kernel, synergy_bwd_ffn_kernel, synergy_bwd_finish_kernel,
-                      synergy_bwd_tail_kernel, synergy_fwd_kernel)
+                      synergy_bwd_tail_kernel, synergy_fwd_combine_kernel, synergy_fwd_split_kernel)
 from .reference import PARAM_NAMES, synergy_reference, synergy_reference_bwd, synergy_reference_fwd
 
 # The CPU path computes in fp32 whatever the caller's autocast state.
@@ -94,6 +94,21 @@ def _launch_meta(z, params, n_heads):
     return sizes, dict(BM=BM, BR=BR, BC=BC, BF=BF, num_warps=num_warps, num_stages=num_stages, maxnreg=255)
 
 
+# The forward spreads a group's context over programs of at least MIN_SPLIT_BLOCKS
+# context blocks each, and at most MAX_SPLITS per group (the combine walks them):
+# G = 64 groups of Lc = 261 launch 64 x 5 programs, not 64. The split depends on
+# the shape only, never on the GPU, so every device sums in the same order.
+MIN_SPLIT_BLOCKS = 4
+MAX_SPLITS = 64
+
+
+def context_splits(Lc: int, BC: int) -> Tuple[int, int]:
+    """(splits per group, tokens per split): whole context blocks per split."""
+    blocks = triton.cdiv(Lc, BC)
+    per_split = max(MIN_SPLIT_BLOCKS, triton.cdiv(blocks, MAX_SPLITS))
+    return triton.cdiv(blocks, per_split), per_split * BC
+
+
 def _pack(params: List[torch.Tensor]) -> torch.Tensor:
     # One fp32 buffer for the block's 18 tensors keeps the kernel signature short.
     return torch.cat([p.detach().float().reshape(-1) for p in params])
@@ -101,17 +116,26 @@ def _pack(params: List[torch.Tensor]) -> torch.Tensor:
 
 @no_autocast
 def synergy_fwd_triton(z, ctx, ctx_mask, params, n_heads):
-    """Launch synergy_fwd_kernel: (z_new, o, lse); o and lse are what backward needs."""
+    """Launch the forward: the attention per (group, context split), then per group the
+    fixed-order merge of the splits and the queries' tail. (z_new, o, lse); o and lse are
+    what backward needs."""
     z, ctx = z.contiguous(), ctx.contiguous()
     mask = ctx_mask.contiguous().view(torch.uint8)
     G, M, r = z.shape
+    Lc = ctx.shape[1]
     packed = _pack(params)
     out = new_output(*z.shape, like=z)
-    o = new_output(G, M, r, like=z, dtype=torch.float32)
-    lse = new_output(G, M, r, like=z, dtype=torch.float32)
+    f32 = dict(like=z, dtype=torch.float32)
+    o, lse = new_output(G, M, r, **f32), new_output(G, M, r, **f32)
     sizes, tiles = _launch_meta(z, params, n_heads)
-    launch(synergy_fwd_kernel, (G,), z, ctx, mask, packed, out, o, lse, ctx.shape[1], **sizes,
-           scale=1.0 / math.sqrt(r // n_heads), **tiles)
+    BM, BR, BC, BF = (tiles[k] for k in ("BM", "BR", "BC", "BF"))
+    opts = dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], maxnreg=tiles["maxnreg"])
+    NS, CH = context_splits(Lc, BC)
+    m_part, l_part, acc_part = (new_output(G, NS, M, r, **f32) for _ in range(3))
+    launch(synergy_fwd_split_kernel, (G * NS,), z, ctx, mask, packed, m_part, l_part, acc_part, Lc, NS, CH, M, r,
+           n_heads, scale=1.0 / math.sqrt(r // n_heads), BM=BM, BR=BR, BC=BC, **opts)
+    launch(synergy_fwd_combine_kernel, (G,), z, packed, m_part, l_part, acc_part, out, o, lse, NS, M, r,
+           sizes["F"], BM=BM, BR=BR, BF=BF, **opts)
     return out, o, lse
 
 
