@@ -91,6 +91,39 @@ def test_fully_masked_group_matches_reference_fp32(heads):
                 assert rel_err(g[i], g_ref[i]) <= 1e-4, (name, i)
 
 
+def test_context_splits_merge_exactly_whatever_their_masks():
+    # Lc = 200 in 4 splits of 64 tokens (the last one of 8): group 0 has a split with every
+    # token masked, group 1 real tokens in one split only, group 2 none at all.
+    from nearl_kernels.synergy.ops import context_splits
+
+    assert context_splits(200, 16) == (4, 64)
+    z, ctx, mask, params = make_inputs(3, 200, pad=0.0)
+    mask[0, 64:128] = False
+    mask[1] = False
+    mask[1, 130:136] = True
+    mask[2] = False
+    out, o, lse = synergy_fwd_triton(z, ctx, mask, params, 2)
+    ref = reference(z, ctx, mask, params, 2)
+    for i in range(3):
+        assert rel_err(out[i], ref[i]) <= 1e-4, i
+    dz = torch.randn_like(out)
+    grads = synergy_bwd_triton(dz, z, ctx, mask, params, o, lse, 2)
+    _, vjp = torch.func.vjp(lambda z_, c_, *p: reference(z_, c_, mask, p, 2), z, ctx, *params)
+    for name, g, g_ref in zip(GRAD_NAMES, grads, vjp(dz)):
+        assert rel_err(g, g_ref) <= 1e-4, name
+
+
+def test_splits_depend_on_the_shape_only():
+    # At least 4 blocks of 16 tokens per split, at most 64 splits per group: the benchmark's
+    # 261 tokens make 5 splits; a long paired context is capped, never one program per block.
+    from nearl_kernels.synergy.ops import MAX_SPLITS, context_splits
+
+    assert context_splits(1, 16) == (1, 64)
+    assert context_splits(261, 16) == (5, 64)
+    ns, ch = context_splits(154_257, 16)
+    assert ns <= MAX_SPLITS and ns * ch >= 154_257 and ch % 16 == 0 and (ns - 1) * ch < 154_257
+
+
 def test_low_precision_queries_and_context():
     # z and ctx in bf16 both: fp32 maths inside, outputs in the inputs' dtypes.
     z, ctx, mask, params = make_inputs(2, 50, dtype=torch.bfloat16)

@@ -140,9 +140,10 @@ def _token_launch(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group
     BR, BM = next_pow2(r), next_pow2(M)
     BL, BD, warps, maxnreg = _tiles(which, _precision(dot_dtype), BR, BM, d)
     # At least two programs per SM where fewer tokens per tile add programs (the compile
-    # gate's waves): 64 images of 197 tokens launch 448 tiles of 32, not 256 of 64.
+    # gate's waves): 64 images of 197 tokens launch 448 tiles of 32, not 256 of 64. Not
+    # below 32 tokens: the fp32 forward's tile of 16 spills on sm_80 and sm_90.
     target = 2 * sm_count(x.device)
-    while BL > 16 and G * triton.cdiv(L, BL) < target and triton.cdiv(L, BL // 2) > triton.cdiv(L, BL):
+    while BL > 32 and G * triton.cdiv(L, BL) < target and triton.cdiv(L, BL // 2) > triton.cdiv(L, BL):
         BL //= 2
     NL = triton.cdiv(L, BL)
     tensors = (
