@@ -54,6 +54,50 @@ def compile_gate_matrix() -> str:
     return "\n".join(lines) + "\n"
 
 
+def kernel_roofline() -> str:
+    """Minimal bytes, FLOPs and programs per kernel at the benchmark shapes, from nearl_kernels.roofline
+    (derived by code, not read from results: the same function writes the kernel files' headers)."""
+    sys.path.insert(0, ROOT)
+    try:
+        from nearl_kernels import roofline
+    finally:
+        sys.path.pop(0)
+    return roofline.table()
+
+
+def _span(values) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.2f}" if lo == hi else f"{lo:.2f}-{hi:.2f}"
+
+
+def compile_gate_waves() -> str:
+    """Waves of every benchmark launch on sm_90 and sm_80, over the committed releases' gate tables."""
+    folders = sorted(glob.glob(os.path.join(RESULTS, "compile_gate", "triton-*")), key=_release_key)
+    per_launch: Dict[tuple, dict] = {}
+    for folder in folders:
+        for arch in ("sm90", "sm80"):
+            with open(os.path.join(folder, f"{arch}.json")) as f:
+                for w in json.load(f).get("waves", []):
+                    entry = per_launch.setdefault((w["case"], w["kernel"]), dict(programs=w["programs"]))
+                    entry.setdefault(arch, []).append(w)
+    releases = ", ".join(os.path.basename(f).split("-", 1)[1] for f in folders)
+    lines = [f"Over the committed gate tables (triton {releases}); waves and blocks per SM as min-max "
+             "across releases.", "",
+             "| launch (benchmark case) | kernel | programs | sm_90: blocks/SM | sm_90: waves | "
+             "sm_80: blocks/SM | sm_80: waves | under one wave |", "|---|---|---|---|---|---|---|---|"]
+    for (case, kernel), entry in per_launch.items():
+        cells = [case, f"`{kernel}`", f"{entry['programs']:,}"]
+        flagged = []
+        for arch in ("sm90", "sm80"):
+            ws = [w for w in entry.get(arch, []) if w["waves"] is not None]
+            cells += [_span([w["blocks_per_sm"] for w in ws]), _span([w["waves"] for w in ws])] if ws else ["-", "-"]
+            if any(w["under_one_wave"] for w in entry.get(arch, [])):
+                flagged.append(arch.replace("sm", "sm_"))
+        cells.append(", ".join(flagged) or "no")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _cpu_benchmark_rows():
     report = _benchmarks_module("report")
     return report, *report.load_rows(os.path.join(RESULTS, "cpu-2core.json"))
@@ -74,6 +118,8 @@ def benchmarks_cpu_headline() -> str:
 
 BLOCKS: Dict[str, Callable[[], str]] = {
     "compile-gate-matrix": compile_gate_matrix,
+    "compile-gate-waves": compile_gate_waves,
+    "kernel-roofline": kernel_roofline,
     "benchmarks-cpu": benchmarks_cpu_table,
     "benchmarks-cpu-headline": benchmarks_cpu_headline,
 }

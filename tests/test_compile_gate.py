@@ -70,6 +70,31 @@ def test_every_kernel_compiles_for_sm90_and_sm80_within_limits(gate):
             assert f"| {kernel} |" in md
 
 
+def test_gate_reports_programs_and_waves_at_the_benchmark_shapes(gate):
+    from nearl_kernels import roofline
+
+    proc, reports, out = gate
+    for arch, report in reports.items():
+        sms = ARCHS["sm_" + arch[2:]].sm_count
+        blocks = {(r["kernel"], r["key"]): r["blocks_per_sm"] for r in report["rows"]}
+        assert all(b is not None for b in blocks.values())
+        waves = report["waves"]
+        # Every launch of every benchmark case, in launch order, with the launcher's own grid.
+        expected = [(f"{op}_{'fwd' if mode == 'forward' else 'bwd'}:bench-{shape['id']}", name, list(grid))
+                    for op, shapes in roofline.SHAPES.items() for shape in shapes for mode in roofline.MODES
+                    for name, grid in roofline.launch_grids(op, mode, shape, "sm_" + arch[2:])]
+        assert [(w["case"], w["kernel"], w["grid"]) for w in waves] == expected
+        for w in waves:
+            assert w["waves"] == round(w["programs"] / (sms * w["blocks_per_sm"]), 3)
+            assert w["under_one_wave"] == (w["programs"] < sms * w["blocks_per_sm"])
+        by_kernel = {w["kernel"]: w for w in waves if "Lc261" in w["case"]}
+        # The rebuilt USEformer forward: the context split fills at least one wave.
+        assert by_kernel["synergy_fwd_split_kernel"]["waves"] >= 1, arch
+        md = (out / f"{arch}.md").read_text()
+        assert "## Programs and waves at the benchmark shapes" in md
+        assert md.count("**< 1 wave**") == sum(w["under_one_wave"] for w in waves)
+
+
 def test_gate_runs_itself_without_the_interpreter(tmp_path, capfd):
     from nearl_kernels.compile_check import main
 

@@ -21,14 +21,16 @@ Backward: four launches, so that no program holds the whole block's state.
 - ``synergy_bwd_tail_kernel`` (one program per group): sums those shares, then
   LN_2 and output projection backward; it writes dL/dz1, the attention output
   gradient ``do``, its per-head ``delta = rowsum(do * o)`` and the queries ``q``.
-- ``synergy_bwd_ctx_kernel`` (one program per group and block of BC context
-  tokens): the attention backward of that block, from q, do, delta and the
-  forward's log-sum-exp. It writes the block's dctx, and per-block partials of
-  dq and of the k/v projection and LN_c gradients. Nothing is carried from
-  block to block: the context is spread over programs, not walked by one.
+- ``synergy_bwd_ctx_kernel`` (one program per group and split of the
+  context, the forward's splits): the attention backward of each block of BC
+  tokens of the split, from q, do, delta and the forward's log-sum-exp. It
+  writes the blocks' dctx, and per-split partials of dq and of the k/v
+  projection and LN_c gradients. Only those partial sums run from block to
+  block: the context is spread over programs, not walked by one.
 - ``synergy_bwd_finish_kernel`` (one program per group): sums the group's
-  block partials in a fixed order (deterministic, no atomics), then the query
-  path q = LN_1(z) W_q + b_q, completing dz.
+  split partials in a fixed order (deterministic, no atomics; at most as many
+  as the forward's splits), then the query path q = LN_1(z) W_q + b_q,
+  completing dz.
 The one-kernel backward this replaced walked the context with a dozen live
 [BM, BR] and [BR, BR] blocks and spilled registers under every Triton release
 once its contraction blocks reached the 16 that Triton 3.4-3.7 require.
@@ -47,8 +49,8 @@ fp32 weights), derived by nearl_kernels.roofline:
 .. /roofline
 
 How it reaches the machine: the context, the one long axis, is spread over
-programs in both directions (splits of whole context blocks forward, single
-blocks backward), so the launches that touch it run several waves; the FFN
+programs in both directions (the same splits of whole context blocks
+forward and backward), so the launches that touch it run several waves; the FFN
 backward is spread over hidden chunks. The per-group launches (combine, tail,
 finish) handle the M x r queries only and stay under one wave at the
 benchmark's group count: each costs a launch, not bandwidth. Weight gradients
@@ -450,7 +452,7 @@ def synergy_bwd_tail_kernel(
     tl.store(_rows(delta_ptr, o_m, o_r, m_m, m_r, R)[0], b_delta, mask=m_mr)
 
 
-@triton.jit(do_not_specialize=["Lc", "NC", "M", "R", "H", "Q"])
+@triton.jit(do_not_specialize=["Lc", "NC", "CH", "M", "R", "H", "Q"])
 def synergy_bwd_ctx_kernel(
     ctx_ptr,   # [G, Lc, R]  context tokens
     mask_ptr,  # [G, Lc]     uint8
@@ -460,15 +462,17 @@ def synergy_bwd_ctx_kernel(
     delta_ptr, # [G, M, R]   fp32 (tail kernel)
     lse_ptr,   # [G, M, R]   fp32 log-sum-exp from the forward
     dctx_ptr,  # [G, Lc, R]  out
-    dq_ptr,    # [G, NC, M, R]  out, fp32 per-block partial dL/dq
-    dw_ptr,    # [G, NC, Q]     out, fp32 per-block partial dW_k^T, dW_v^T, db_v, dLN_c w and b
-    Lc, NC, M, R, H, Q, scale,
+    dq_ptr,    # [G, NC, M, R]  out, fp32 per-split partial dL/dq
+    dw_ptr,    # [G, NC, Q]     out, fp32 per-split partial dW_k^T, dW_v^T, db_v, dLN_c w and b
+    Lc, NC, CH, M, R, H, Q, scale,
     BM: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):
-    """Attention backward over one block of BC context tokens: every block of every group is
-    its own program, so no program walks the context and no state is carried between blocks."""
+    """Attention backward over one split of CH context tokens (the forward's splits): every
+    split of every group is its own program. Its blocks of BC tokens are independent given
+    the forward's log-sum-exp; the program sums their weight and dq partials in order, so the
+    finish kernel sums at most as many partials per group as the forward has splits."""
     i_p = tl.program_id(0).to(tl.int64)
-    i_g, i_c = i_p // NC, i_p % NC
+    i_g, i_s = i_p // NC, i_p % NC
     q_ptr += i_g * M * R
     do_ptr += i_g * M * R
     delta_ptr += i_g * M * R
@@ -483,52 +487,64 @@ def synergy_bwd_ctx_kernel(
     m_m, m_r = o_m < M, o_r < R
     # Only the k/v offsets are used here, and they do not depend on the FFN width.
     o_wq, o_wk, o_wv, o_wo, o_ln2, o_w1, o_w2 = _offsets(R, 0)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < Lc
+    m_rr = m_r[:, None] & m_r[None, :]
 
     p_mr, m_mr = _rows(q_ptr, o_m, o_r, m_m, m_r, R)
     b_q = tl.load(p_mr, mask=m_mr, other=0.0)     # [BM, BR]
     b_do = tl.load(_rows(do_ptr, o_m, o_r, m_m, m_r, R)[0], mask=m_mr, other=0.0)
     b_delta = tl.load(_rows(delta_ptr, o_m, o_r, m_m, m_r, R)[0], mask=m_mr, other=0.0)
-    b_cn, c_hat, c_rstd, valid = _context_block(ctx_ptr, mask_ptr, p_ptr, o_c, m_c, o_r, m_r, R)
-    # Every head's keys and values at once ([BR, BC]); a head's queries and output
-    # gradients are masked to its columns, so they meet only its rows.
-    b_kt, b_vt = _kv_t(tl.trans(b_cn), p_ptr, o_wk, o_wv, o_r, m_r, m_r, R)
     b_dq = tl.zeros((BM, BR), dtype=tl.float32)
-    b_dkt = tl.zeros((BR, BC), dtype=tl.float32)  # dk^T of the block, all heads
-    b_dvt = tl.zeros((BR, BC), dtype=tl.float32)
-    for e in range(H):
-        m_e = ((o_r // RH) == e) & m_r
-        b_q_e = tl.where(m_e[None, :], b_q, 0.0)
-        s = _scores(b_q_e, b_kt, valid, m_c, scale)  # [BM, BC]
-        lse_e = tl.load(lse_ptr + o_m * R + e * RH, mask=m_m, other=0.0)  # [BM]
-        # A fully masked group: every score is NEG and so is lse (NEG + log(Lc) rounds to it),
-        # so exp(s - lse) = 1 where the reference's uniform softmax has 1 / Lc.
-        p = tl.exp(s - lse_e[:, None]) * tl.where(lse_e == NEG, 1.0 / Lc, 1.0)[:, None]
-        p = tl.where(m_m[:, None], p, 0.0)
-        b_do_e = tl.where(m_e[None, :], b_do, 0.0)
-        b_dvt += tl.dot(tl.trans(b_do_e), p, input_precision="ieee")  # [BR, BC]
-        d_p = tl.dot(b_do_e, b_vt, input_precision="ieee")            # [BM, BC]
-        delta_e = tl.max(tl.where(m_e[None, :], b_delta, NEG), 1)
-        # Masked scores are the constant fill (masked_fill): no gradient flows through them.
-        d_s = tl.where(valid[None, :], p * (d_p - delta_e[:, None]) * scale, 0.0)
-        b_dq += tl.dot(d_s, tl.trans(tl.where(m_e[:, None], b_kt, 0.0)), input_precision="ieee")
-        b_dkt += tl.dot(tl.trans(b_q_e), d_s, input_precision="ieee")  # [BR, BC]
+    b_dwkt = tl.zeros((BR, BR), dtype=tl.float32)  # dW_k^T, summed over the split's blocks
+    b_dwvt = tl.zeros((BR, BR), dtype=tl.float32)
+    b_dbv = tl.zeros((BR,), dtype=tl.float32)
+    b_dlnc_w = tl.zeros((BR,), dtype=tl.float32)
+    b_dlnc_b = tl.zeros((BR,), dtype=tl.float32)
+    c0 = i_s * CH
+    c1 = tl.minimum(c0 + CH, Lc)
+    for start in range(c0, c1, BC):
+        o_c = start + tl.arange(0, BC)
+        m_c = o_c < c1
+        b_cn, c_hat, c_rstd, valid = _context_block(ctx_ptr, mask_ptr, p_ptr, o_c, m_c, o_r, m_r, R)
+        # Every head's keys and values at once ([BR, BC]); a head's queries and output
+        # gradients are masked to its columns, so they meet only its rows.
+        b_kt, b_vt = _kv_t(tl.trans(b_cn), p_ptr, o_wk, o_wv, o_r, m_r, m_r, R)
+        b_dkt = tl.zeros((BR, BC), dtype=tl.float32)  # dk^T of the block, all heads
+        b_dvt = tl.zeros((BR, BC), dtype=tl.float32)
+        for e in range(H):
+            m_e = ((o_r // RH) == e) & m_r
+            b_q_e = tl.where(m_e[None, :], b_q, 0.0)
+            s = _scores(b_q_e, b_kt, valid, m_c, scale)  # [BM, BC]
+            lse_e = tl.load(lse_ptr + o_m * R + e * RH, mask=m_m, other=0.0)  # [BM]
+            # A fully masked group: every score is NEG and so is lse (NEG + log(Lc) rounds to it),
+            # so exp(s - lse) = 1 where the reference's uniform softmax has 1 / Lc.
+            p = tl.exp(s - lse_e[:, None]) * tl.where(lse_e == NEG, 1.0 / Lc, 1.0)[:, None]
+            p = tl.where(m_m[:, None], p, 0.0)
+            b_do_e = tl.where(m_e[None, :], b_do, 0.0)
+            b_dvt += tl.dot(tl.trans(b_do_e), p, input_precision="ieee")  # [BR, BC]
+            d_p = tl.dot(b_do_e, b_vt, input_precision="ieee")            # [BM, BC]
+            delta_e = tl.max(tl.where(m_e[None, :], b_delta, NEG), 1)
+            # Masked scores are the constant fill (masked_fill): no gradient flows through them.
+            d_s = tl.where(valid[None, :], p * (d_p - delta_e[:, None]) * scale, 0.0)
+            b_dq += tl.dot(d_s, tl.trans(tl.where(m_e[:, None], b_kt, 0.0)), input_precision="ieee")
+            b_dkt += tl.dot(tl.trans(b_q_e), d_s, input_precision="ieee")  # [BR, BC]
+        b_dwkt += tl.dot(b_dkt, b_cn, input_precision="ieee")
+        b_dwvt += tl.dot(b_dvt, b_cn, input_precision="ieee")
+        b_dbv += tl.sum(b_dvt, 1)
+        # d c_n^T = W_k dk^T + W_v dv^T.
+        b_dcnt = tl.dot(_mat(p_ptr, o_wk, o_r, o_r, m_r, m_r, R), b_dkt, input_precision="ieee")
+        b_dcnt += tl.dot(_mat(p_ptr, o_wv, o_r, o_r, m_r, m_r, R), b_dvt, input_precision="ieee")
+        d_cn = tl.where(m_c[:, None], tl.trans(b_dcnt), 0.0)  # [BC, BR]
+        b_dlnc_w += tl.sum(d_cn * c_hat, 0)
+        b_dlnc_b += tl.sum(d_cn, 0)
+        b_dc = _layer_norm_bwd(d_cn, c_hat, c_rstd, _vec(p_ptr, 0, o_r, m_r), m_r, R)
+        p_dc, m_cr = _rows(dctx_ptr, o_c, o_r, m_c, m_r, R)
+        tl.store(p_dc, b_dc.to(dctx_ptr.dtype.element_ty), mask=m_cr)
     tl.store(_rows(dq_ptr, o_m, o_r, m_m, m_r, R)[0], b_dq, mask=m_mr)
-    m_rr = m_r[:, None] & m_r[None, :]
-    tl.store(_rows(dw_ptr, o_r, o_r, m_r, m_r, R)[0], tl.dot(b_dkt, b_cn, input_precision="ieee"), mask=m_rr)
-    tl.store(_rows(dw_ptr + R * R, o_r, o_r, m_r, m_r, R)[0], tl.dot(b_dvt, b_cn, input_precision="ieee"),
-             mask=m_rr)
-    _store_vec(dw_ptr, 2 * R * R, o_r, m_r, tl.sum(b_dvt, 1))
-    # d c_n^T = W_k dk^T + W_v dv^T.
-    b_dcnt = tl.dot(_mat(p_ptr, o_wk, o_r, o_r, m_r, m_r, R), b_dkt, input_precision="ieee")
-    b_dcnt += tl.dot(_mat(p_ptr, o_wv, o_r, o_r, m_r, m_r, R), b_dvt, input_precision="ieee")
-    d_cn = tl.where(m_c[:, None], tl.trans(b_dcnt), 0.0)  # [BC, BR]
-    _store_vec(dw_ptr, 2 * R * R + R, o_r, m_r, tl.sum(d_cn * c_hat, 0))
-    _store_vec(dw_ptr, 2 * R * R + 2 * R, o_r, m_r, tl.sum(d_cn, 0))
-    b_dc = _layer_norm_bwd(d_cn, c_hat, c_rstd, _vec(p_ptr, 0, o_r, m_r), m_r, R)
-    p_dc, m_cr = _rows(dctx_ptr, o_c, o_r, m_c, m_r, R)
-    tl.store(p_dc, b_dc.to(dctx_ptr.dtype.element_ty), mask=m_cr)
+    tl.store(_rows(dw_ptr, o_r, o_r, m_r, m_r, R)[0], b_dwkt, mask=m_rr)
+    tl.store(_rows(dw_ptr + R * R, o_r, o_r, m_r, m_r, R)[0], b_dwvt, mask=m_rr)
+    _store_vec(dw_ptr, 2 * R * R, o_r, m_r, b_dbv)
+    _store_vec(dw_ptr, 2 * R * R + R, o_r, m_r, b_dlnc_w)
+    _store_vec(dw_ptr, 2 * R * R + 2 * R, o_r, m_r, b_dlnc_b)
 
 
 @triton.jit(do_not_specialize=["NC", "M", "R", "F", "H", "P", "Q"])

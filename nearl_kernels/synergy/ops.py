@@ -141,7 +141,7 @@ def synergy_fwd_triton(z, ctx, ctx_mask, params, n_heads):
 
 @no_autocast
 def synergy_bwd_triton(dz, z, ctx, ctx_mask, params, o, lse, n_heads):
-    """Launch the four backward kernels (FFN chunks, tail, context blocks, finish); the per-group
+    """Launch the four backward kernels (FFN chunks, tail, context splits, finish); the per-group
     partial weight gradients are then summed in a fixed order."""
     dz, z, ctx = dz.contiguous(), z.contiguous(), ctx.contiguous()
     mask = ctx_mask.contiguous().view(torch.uint8)
@@ -164,11 +164,11 @@ def synergy_bwd_triton(dz, z, ctx, ctx_mask, params, o, lse, n_heads):
            BM=BM, BR=BR, BF=BF, **opts)
     launch(synergy_bwd_tail_kernel, (G,), dz, z, packed, o, dln2_part, dz_out, q, do, delta, dparts, NF, M, r, F,
            n_heads, P, BM=BM, BR=BR, **opts)
-    NC = triton.cdiv(Lc, BC)
+    NC, CH = context_splits(Lc, BC)
     Q = 2 * r * r + 3 * r
     dq_part, dw_part = new_output(G, NC, M, r, **f32), new_output(G, NC, Q, **f32)
     launch(synergy_bwd_ctx_kernel, (G * NC,), ctx, mask, packed, q, do, delta, lse, dctx, dq_part, dw_part, Lc, NC,
-           M, r, n_heads, Q, scale=1.0 / math.sqrt(r // n_heads), BM=BM, BR=BR, BC=BC, **opts)
+           CH, M, r, n_heads, Q, scale=1.0 / math.sqrt(r // n_heads), BM=BM, BR=BR, BC=BC, **opts)
     launch(synergy_bwd_finish_kernel, (G,), z, packed, dq_part, dw_part, dz_out, dparts, NC, M, r, F, n_heads, P, Q,
            BM=BM, BR=BR, **opts)
     dflat = dparts.sum(0)
