@@ -44,7 +44,7 @@ fp32 weights), derived by nearl_kernels.roofline:
 - G64-Lc261-K4 backward: minimal 2.82 MB, 0.331 GFLOP; floor 0.65 us at 4.3 TB/s and 790 TFLOP/s
     synergy_bwd_ffn_kernel: 1,792 programs = 13.58 x 132 SMs
     synergy_bwd_tail_kernel: 64 programs = 0.48 x 132 SMs
-    synergy_bwd_ctx_kernel: 1,088 programs = 8.24 x 132 SMs
+    synergy_bwd_ctx_kernel: 320 programs = 2.42 x 132 SMs
     synergy_bwd_finish_kernel: 64 programs = 0.48 x 132 SMs
 .. /roofline
 
