@@ -65,9 +65,9 @@ def kernel_roofline() -> str:
     return roofline.table()
 
 
-def _span(values) -> str:
+def _span(values, fmt: str = ".2f") -> str:
     lo, hi = min(values), max(values)
-    return f"{lo:.2f}" if lo == hi else f"{lo:.2f}-{hi:.2f}"
+    return f"{lo:{fmt}}" if lo == hi else f"{lo:{fmt}}-{hi:{fmt}}"
 
 
 def compile_gate_waves() -> str:
@@ -90,7 +90,7 @@ def compile_gate_waves() -> str:
         flagged = []
         for arch in ("sm90", "sm80"):
             ws = [w for w in entry.get(arch, []) if w["waves"] is not None]
-            cells += [_span([w["blocks_per_sm"] for w in ws]), _span([w["waves"] for w in ws])] if ws else ["-", "-"]
+            cells += [_span([w["blocks_per_sm"] for w in ws], "d"), _span([w["waves"] for w in ws])] if ws else ["-", "-"]
             if any(w["under_one_wave"] for w in entry.get(arch, [])):
                 flagged.append(arch.replace("sm", "sm_"))
         cells.append(", ".join(flagged) or "no")
