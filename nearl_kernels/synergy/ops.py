@@ -155,7 +155,7 @@ def synergy_bwd_triton(dz, z, ctx, ctx_mask, params, o, lse, n_heads):
     return [dz_out.to(z.dtype), dctx, *grads]
 
 
-@torch.library.custom_op("nearl::synergy_fwd", mutates_args=())
+@torch.library.triton_op("nearl::synergy_fwd", mutates_args=())
 def synergy_fwd(z: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor, params: List[torch.Tensor],
                 n_heads: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """(z_new, saved): what backward needs, the attention output and log-sum-exp for the
@@ -174,7 +174,7 @@ def _synergy_fwd_fake(z, ctx, ctx_mask, params, n_heads):
     return _cpu_fwd(z, ctx, ctx_mask, _as_params(params), n_heads)
 
 
-@torch.library.custom_op("nearl::synergy_bwd", mutates_args=())
+@torch.library.triton_op("nearl::synergy_bwd", mutates_args=())
 def synergy_bwd(dz: torch.Tensor, z: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor,
                 params: List[torch.Tensor], saved: List[torch.Tensor], n_heads: int) -> List[torch.Tensor]:
     """Gradients for [z, ctx, *params] in PARAM_NAMES order; ``saved`` is synergy_fwd's second output."""
