@@ -72,10 +72,28 @@ def benchmarks_cpu_headline() -> str:
     return report.markdown(kept, machine, machine.get("nearl_env", {}))
 
 
+def export_cpu_table() -> str:
+    """benchmarks/bench_export.py on CPU: images/s of the eager model and of its exported package, per batch."""
+    report = _benchmarks_module("report")
+    rows, machine = report.load_rows(os.path.join(RESULTS, "export-cpu-2core.json"))
+    env = machine.get("nearl_env", {})
+    speed = {(r["shape"], r["provider"]): r["images"] / r["median_seconds"] for r in rows}
+    shapes = sorted({r["shape"] for r in rows}, key=lambda s: next(r["images"] for r in rows if r["shape"] == s))
+    lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}; {env.get('cores', '?')} cores; "
+             f"torch {env.get('torch', '?')}. Images per second (median of the rounds):", "",
+             "| model, batch, classes | reference (eager) | fused (eager) | package | package / fused |",
+             "|---|---|---|---|---|"]
+    for shape in shapes:
+        ref, fused, package = (speed[shape, p] for p in ("reference", "fused", "package"))
+        lines.append(f"| {shape} | {ref:.1f} | {fused:.1f} | {package:.1f} | {package / fused:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS: Dict[str, Callable[[], str]] = {
     "compile-gate-matrix": compile_gate_matrix,
     "benchmarks-cpu": benchmarks_cpu_table,
     "benchmarks-cpu-headline": benchmarks_cpu_headline,
+    "export-cpu": export_cpu_table,
 }
 
 
