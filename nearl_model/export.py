@@ -214,6 +214,7 @@ def export_run(model, run: dict, texts: torch.Tensor, adapter: str, out: str, de
     program = export_program(classifier, example, max_batch)
     print(f"compiling with AOTInductor (a minute or more; torch.export took {time.time() - t0:.1f} s)", flush=True)
     with writing(out):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         compile_package(program, out, package_metadata(info), freeze=model.config.mode == "shared")
     info["max_abs_logit_difference"] = check_package(out, classifier, example, max_batch)
     with writing(sidecar_path(out)):
