@@ -103,8 +103,9 @@ def export_program(classifier: Classifier, example: torch.Tensor, max_batch: int
 def compile_package(program, out: str, metadata: Dict[str, str], freeze: bool) -> None:
     """AOTInductor-compile ``program`` into the package ``out``, written atomically.
 
-    ``freeze`` folds everything that depends only on constants (the text tower
-    in shared mode) into constants at compile time.
+    ``freeze`` folds everything that depends only on constants into constants
+    at compile time: in shared mode, the prompts' token embeddings and the text
+    blocks before the first interaction layer.
     """
     configs = {"aot_inductor.metadata": metadata}
     if freeze:

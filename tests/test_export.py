@@ -50,11 +50,14 @@ def _export(run: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def paired(tmp_path_factory):
+def paired_run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("paired"), "paired")
+
+
+@pytest.fixture(scope="session")
+def paired(paired_run):
     """(run directory, package) of a tiny paired-mode run."""
-    root = tmp_path_factory.mktemp("paired")
-    run = _train(root, "paired")
-    return run, _export(run, root / "model.pt2")
+    return paired_run, _export(paired_run, paired_run.parent / "model.pt2")
 
 
 @pytest.fixture(scope="session")
@@ -137,13 +140,14 @@ def test_package_matches_the_python_model(which, request, images):
     assert (one - want_logits[:1]).abs().max() <= LOGIT_TOL
 
 
-def test_shared_package_holds_no_text_tower(shared, paired):
-    # Shared mode: the text side depends on constants only, so freezing folds it into constants at
-    # compile time and the package runs the image tower and adapters alone. Same backbone, same adapter
-    # shapes: the shared package lacks at least the token embedding table the paired one must hold.
-    text = tiny_config(2)["text_cfg"]
-    embedding_bytes = text["vocab_size"] * text["width"] * 4
-    assert paired[1].stat().st_size - shared[1].stat().st_size >= embedding_bytes
+def test_shared_package_computed_the_prompt_embeddings_at_export(shared, paired):
+    # Shared mode: what depends on the prompts alone (their token embeddings, the text blocks before the
+    # first interaction) is folded into constants at compile time, so the embedding table is not in the
+    # package; a paired package runs its text tower per image and holds it.
+    fqns = {which: torch._inductor.aoti_load_package(str(pkg)).loader.get_constant_fqns()
+            for which, (_, pkg) in (("shared", shared), ("paired", paired))}
+    table = "model.clip.token_embedding.weight"
+    assert table in fqns["paired"] and table not in fqns["shared"]
 
 
 def test_json_beside_the_package_records_what_a_loader_needs(paired):
@@ -350,6 +354,21 @@ def test_cuda_export_carries_the_triton_kernels():
         assert r["ops"] == {"nearl.synergy_fwd.default": layers, "nearl.oca_fwd.default": 2 * layers}, mode
         assert r["kernels"] == {"synergy_fwd_kernel": layers, "oca_fwd_kernel": 2 * layers}, mode
         assert r["left"] == [], mode
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA package is built and run on a CUDA GPU")
+def test_cuda_package_carries_the_fused_kernels_and_matches_the_model(paired_run, images, tmp_path):
+    out = tmp_path / "cuda.pt2"
+    assert export.main(["--run", str(paired_run), "--out", str(out), "--device", "cuda"]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["kernels"] == "triton"
+    files = image_files(images)
+    model, _, texts = load_trained(str(paired_run / "adapter.safetensors"), fused=True)
+    model, texts = model.cuda(), texts.cuda()
+    batch = torch.stack([x for x, _ in LabeledImages(files, [0] * len(files), 64)]).cuda()
+    with torch.no_grad():
+        want = model(batch, texts).float()
+    logits, _ = torch._inductor.aoti_load_package(str(out))(batch)
+    assert (logits - want).abs().max() <= LOGIT_TOL
 
 
 def test_cpu_export_carries_the_reference_maths(monkeypatch):

@@ -1,7 +1,7 @@
 """OCA: input checks, launchers, autograd Function, custom ops, functional API.
 
 Layering (STYLE.md): kernels.py (raw Triton) -> launchers here -> the
-``nearl::oca_fwd`` / ``nearl::oca_bwd`` custom ops (CPU: reference maths;
+``nearl::oca_fwd`` / ``nearl::oca_bwd`` triton ops (CPU: reference maths;
 CUDA, or CPU under TRITON_INTERPRET=1: Triton) -> ``OCAFunction`` -> ``oca()``.
 """
 

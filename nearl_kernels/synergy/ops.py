@@ -1,7 +1,7 @@
 """USEformer block: input checks, launchers, autograd Function, custom ops, functional API.
 
 Layering (STYLE.md): kernels.py (raw Triton) -> launchers here -> the
-``nearl::synergy_fwd`` / ``nearl::synergy_bwd`` custom ops (CPU: reference
+``nearl::synergy_fwd`` / ``nearl::synergy_bwd`` triton ops (CPU: reference
 maths; CUDA, or CPU under TRITON_INTERPRET=1: Triton) -> ``SynergyFunction``
 -> ``synergy_block()``.
 """
