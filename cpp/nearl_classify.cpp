@@ -59,7 +59,8 @@ std::vector<double> numbers(const std::string& key, const std::string& text) {
   for (const auto& part : split(text, ',')) {
     char* end = nullptr;
     double v = std::strtod(part.c_str(), &end);
-    if (part.empty() || *end != '\0') throw UserError("package metadata " + key + " = '" + text + "' is not a list of numbers");
+    if (part.empty() || *end != '\0')
+      throw UserError("package metadata " + key + " = '" + text + "' is not a list of numbers");
     values.push_back(v);
   }
   return values;

@@ -89,7 +89,8 @@ def export_cpu_table() -> str:
     for shape in shapes:
         speed = [by[shape, p]["images"] / by[shape, p]["median_seconds"] for p in ("reference", "fused", "package")]
         ratio, (low, high) = by[shape, "package"]["time_vs_fused"], by[shape, "package"]["time_vs_fused_range"]
-        lines.append(f"| {shape} | {speed[0]:.1f} | {speed[1]:.1f} | {speed[2]:.1f} | {ratio:.2f} ({low:.2f}..{high:.2f}) |")
+        lines.append(f"| {shape} | {speed[0]:.1f} | {speed[1]:.1f} | {speed[2]:.1f} | "
+                     f"{ratio:.2f} ({low:.2f}..{high:.2f}) |")
     return "\n".join(lines) + "\n"
 
 

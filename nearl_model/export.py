@@ -154,7 +154,7 @@ def check_classes(classes: Sequence[str]) -> None:
 
 
 def pick_classes(run: dict, wanted: Optional[str]) -> List[int]:
-    """Indices of the run's classes to export: all, or those ``--classes`` names (a JSON list or commas), in its order."""
+    """Indices of the run's classes to export: all, or the ``--classes`` names (JSON list or commas), in that order."""
     classes = run["classes"]
     if wanted is None:
         return list(range(len(classes)))

@@ -259,8 +259,8 @@ def foreign_package(tmp_path_factory):
 # ---- the export CLI's refusals ----------------------------------------------------------------------------
 
 
-def test_export_refuses_a_missing_or_unfinished_run(tmp_path, paired, capsys):
-    run, _ = paired
+def test_export_refuses_a_missing_or_unfinished_run(tmp_path, paired_run, capsys):
+    run = paired_run
     out = str(tmp_path / "m.pt2")
     fails(["--run", str(tmp_path / "gone"), "--out", out], capsys, "does not exist", cli=export.main)
     unfinished = tmp_path / "unfinished"
@@ -269,11 +269,13 @@ def test_export_refuses_a_missing_or_unfinished_run(tmp_path, paired, capsys):
     fails(["--run", str(unfinished), "--out", out], capsys, "has not finished", cli=export.main)
     fails(["--run", str(tmp_path), "--out", out], capsys, "holds no adapter.safetensors", cli=export.main)
     fails(["--run", str(run), "--out", str(tmp_path / "m.zip")], capsys, "must end in .pt2", cli=export.main)
+    fails(["--run", str(run), "--out", out, "--classes", "normal,effusion"], capsys, "did not train on",
+          cli=export.main)
     assert os.listdir(unfinished) == ["adapter.safetensors"] and not os.path.exists(out)
 
 
-def test_export_refuses_a_diverged_run(tmp_path, paired, capsys):
-    run, _ = paired
+def test_export_refuses_a_diverged_run(tmp_path, paired_run, capsys):
+    run = paired_run
     bad = tmp_path / "diverged"
     shutil.copytree(run, bad)
     with safe_open(str(run / "adapter.safetensors"), framework="pt") as f:
@@ -297,13 +299,13 @@ def _opaque(x: torch.Tensor) -> torch.Tensor:
     return x.clone()
 
 
-def test_export_names_the_operator_torch_export_refuses(paired, monkeypatch, tmp_path, capsys):
+def test_export_names_the_operator_torch_export_refuses(paired_run, monkeypatch, tmp_path, capsys):
     # An image tower that calls an operator with no shape (fake) implementation: torch.export cannot trace it.
     from nearl_model.towers import OpenClipViT
 
     head = OpenClipViT.head
     monkeypatch.setattr(OpenClipViT, "head", lambda self, x: _opaque(head(self, x)))
-    run, _ = paired
+    run = paired_run
     err = fails(["--run", str(run), "--out", str(tmp_path / "m.pt2")], capsys, "torch.export cannot capture",
                 cli=export.main)
     assert "nearl_test" in err and "opaque" in err, err
