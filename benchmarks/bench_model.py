@@ -6,14 +6,11 @@ back through the same blocks and no adapters: the median ratio over rounds
 in which the two run back to back (``interleaved_overhead``).
 """
 
-import statistics
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from common import DEVICE, peak_memory, size_class, sync, traffic
+from common import DEVICE, interleaved_overhead, peak_memory, size_class, sync, traffic
 from nearl_model import NearlCLIP, NearlConfig, class_prompts, tokenize_prompts
 
 SHAPES = {
@@ -89,25 +86,6 @@ def frozen_clip_step(model, images, texts, labels):
         loss = F.cross_entropy(logits.float(), labels)
     torch.autograd.grad(loss, [x_v, x_t])
     sync()
-
-
-def interleaved_overhead(step, baseline, rounds: int):
-    """(median, lowest, highest) over rounds of (step time / baseline time) - 1.
-
-    Each round runs the two back to back, alternating which goes first, so
-    load from elsewhere on the machine falls on both alike: separate
-    benchmark rows on this shared 2-core CPU wandered by 10-20%.
-    """
-    ratios = []
-    for i in range(rounds):
-        pair = [baseline, step] if i % 2 == 0 else [step, baseline]
-        times = {}
-        for fn in pair:
-            start = time.perf_counter()
-            fn()
-            times[fn] = time.perf_counter() - start
-        ratios.append(times[step] / times[baseline] - 1)
-    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def _record(benchmark, shape, mode, provider, run):

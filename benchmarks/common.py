@@ -6,7 +6,9 @@ modes are built from it here, so the three modes time the same thing.
 """
 
 import os
+import statistics
 import sys
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -251,3 +253,22 @@ def env_description() -> Dict:
     if DEVICE.type == "cuda":
         desc["gpu"] = torch.cuda.get_device_name()
     return desc
+
+
+def interleaved_overhead(step, baseline, rounds: int):
+    """(median, lowest, highest) over rounds of (step time / baseline time) - 1.
+
+    Each round runs the two back to back, alternating which goes first, so
+    load from elsewhere on the machine falls on both alike: separate
+    benchmark rows on this shared 2-core CPU wandered by 10-20%.
+    """
+    ratios = []
+    for i in range(rounds):
+        pair = [baseline, step] if i % 2 == 0 else [step, baseline]
+        times = {}
+        for fn in pair:
+            start = time.perf_counter()
+            fn()
+            times[fn] = time.perf_counter() - start
+        ratios.append(times[step] / times[baseline] - 1)
+    return statistics.median(ratios), min(ratios), max(ratios)

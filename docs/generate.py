@@ -116,12 +116,35 @@ def benchmarks_cpu_headline() -> str:
     return report.markdown(kept, machine, machine.get("nearl_env", {}))
 
 
+def export_cpu_table() -> str:
+    """benchmarks/bench_export.py on CPU: images/s of the eager model and of its exported package, per batch."""
+    report = _benchmarks_module("report")
+    rows, machine = report.load_rows(os.path.join(RESULTS, "export-cpu-2core.json"))
+    env = machine.get("nearl_env", {})
+    by = {(r["shape"], r["provider"]): r for r in rows}
+    shapes = sorted({r["shape"] for r in rows}, key=lambda s: by[s, "package"]["images"])
+    load = max(r["load_average"] for r in rows)
+    lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}; {env.get('cores', '?')} cores, shared (load "
+             f"average up to {load:.1f}); torch {env.get('torch', '?')}. Images per second from the median round; "
+             "the last column times the package and the eager fused model back to back in each round "
+             "(median, range):", "",
+             "| model, batch, classes | reference (eager) | fused (eager) | package | package time / fused time |",
+             "|---|---|---|---|---|"]
+    for shape in shapes:
+        speed = [by[shape, p]["images"] / by[shape, p]["median_seconds"] for p in ("reference", "fused", "package")]
+        ratio, (low, high) = by[shape, "package"]["time_vs_fused"], by[shape, "package"]["time_vs_fused_range"]
+        lines.append(f"| {shape} | {speed[0]:.1f} | {speed[1]:.1f} | {speed[2]:.1f} | "
+                     f"{ratio:.2f} ({low:.2f}..{high:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS: Dict[str, Callable[[], str]] = {
     "compile-gate-matrix": compile_gate_matrix,
     "compile-gate-waves": compile_gate_waves,
     "kernel-roofline": kernel_roofline,
     "benchmarks-cpu": benchmarks_cpu_table,
     "benchmarks-cpu-headline": benchmarks_cpu_headline,
+    "export-cpu": export_cpu_table,
 }
 
 

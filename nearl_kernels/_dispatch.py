@@ -1,4 +1,4 @@
-"""Where the custom ops run their Triton kernels, and the launch-time helpers they share."""
+"""Where the ops (``torch.library.triton_op``s) run their Triton kernels, and the launch-time helpers they share."""
 
 import functools
 import os
@@ -42,10 +42,29 @@ def _is_build_error(err: BaseException) -> bool:
     return any("/triton/compiler/" in f or ("/triton/backends/" in f and f.endswith("compiler.py")) for f in files)
 
 
+def _traced(args) -> bool:
+    """True while torch.compile or AOTInductor traces an op's body: its tensors are then functional or
+    fake wrappers, not plain tensors (parameters included), and a launch must become a graph node."""
+    return any(isinstance(a, torch.Tensor) and type(a) not in (torch.Tensor, torch.nn.Parameter) for a in args)
+
+
+def traceable(kernel, args):
+    """``kernel`` as the ops launch it: under tracing, ``torch.library.wrap_triton(kernel)``, so the
+    ``triton_op``s show Inductor (and an AOTInductor package) the Triton kernel itself, not opaque
+    Python; in eager, the kernel as it is. Interpreted kernels (TRITON_INTERPRET=1) are not
+    JITFunctions and are never wrapped."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, (JITFunction, Autotuner)) and _traced(args):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
 def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, with a failed build turned into one KernelBuildError."""
     try:
-        return kernel[grid](*args, **kwargs)
+        return traceable(kernel, args)[grid](*args, **kwargs)
     except Exception as err:
         if not _is_build_error(err):
             raise

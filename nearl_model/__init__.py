@@ -9,7 +9,7 @@ import importlib
 _EXPORTS = {
     "NearlCLIP": ".clip", "NearlConfig": ".config", "create_clip": ".backbones", "TINY_CLIP_CONFIG": ".backbones",
     "class_prompts": ".prompts", "tokenize_prompts": ".prompts", "adapter_config": ".adapter_io",
-    "read_adapter": ".adapter_io", "load_trained": ".adapter_io",
+    "read_adapter": ".adapter_io", "load_trained": ".loading",
 }
 __all__ = list(_EXPORTS)
 

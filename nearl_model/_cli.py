@@ -121,7 +121,7 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
 
 def load_run(args):
     """(model on its device, run record, prompt tokens on the device, device, precision) for ``args``."""
-    from .adapter_io import load_trained
+    from .loading import load_trained
 
     device = pick_device(args.device)
     try:

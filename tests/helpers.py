@@ -15,12 +15,17 @@ CLASSES = ["normal lungs", "bacterial pneumonia", "viral pneumonia"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def tiny_config(blocks: int) -> dict:
+    """nearl-tiny with ``blocks`` blocks per tower: the same shapes, a smaller graph to compile."""
+    config = copy.deepcopy(TINY_CLIP_CONFIG)
+    config["vision_cfg"]["layers"] = config["text_cfg"]["layers"] = blocks
+    return config
+
+
 def make_model(mode="paired", fused=False, seed=0, backbone="nearl-tiny", **config):
     torch.manual_seed(seed)
     if backbone == "nearl-tiny-2":
-        # Two blocks per tower: the same shapes as nearl-tiny, half the graph to compile.
-        backbone = copy.deepcopy(TINY_CLIP_CONFIG)
-        backbone["vision_cfg"]["layers"] = backbone["text_cfg"]["layers"] = 2
+        backbone = tiny_config(2)
     return NearlCLIP.from_pretrained(backbone, config=NearlConfig(mode=mode, **config), fused=fused)
 
 

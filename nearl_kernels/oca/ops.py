@@ -1,7 +1,7 @@
 """OCA: input checks, launchers, autograd Function, custom ops, functional API.
 
 Layering (STYLE.md): kernels.py (raw Triton) -> launchers here -> the
-``nearl::oca_fwd`` / ``nearl::oca_bwd`` custom ops (CPU: reference maths;
+``nearl::oca_fwd`` / ``nearl::oca_bwd`` triton ops (CPU: reference maths;
 CUDA, or CPU under TRITON_INTERPRET=1: Triton) -> ``OCAFunction`` -> ``oca()``.
 """
 
@@ -240,7 +240,7 @@ def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, 
     )
 
 
-@torch.library.custom_op("nearl::oca_fwd", mutates_args=())
+@torch.library.triton_op("nearl::oca_fwd", mutates_args=())
 def oca_fwd(
     x: torch.Tensor, h: torch.Tensor, z: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
     w_up: torch.Tensor, b_up: torch.Tensor, s_novel: torch.Tensor, s_incr: torch.Tensor,
@@ -263,7 +263,7 @@ def _oca_fwd_fake(x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group
     return y, list(saved)
 
 
-@torch.library.custom_op("nearl::oca_bwd", mutates_args=())
+@torch.library.triton_op("nearl::oca_bwd", mutates_args=())
 def oca_bwd(
     dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, z: torch.Tensor, w_k: torch.Tensor,
     w_v: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, s_novel: torch.Tensor,

@@ -1,7 +1,7 @@
 """USEformer block: input checks, launchers, autograd Function, custom ops, functional API.
 
 Layering (STYLE.md): kernels.py (raw Triton) -> launchers here -> the
-``nearl::synergy_fwd`` / ``nearl::synergy_bwd`` custom ops (CPU: reference
+``nearl::synergy_fwd`` / ``nearl::synergy_bwd`` triton ops (CPU: reference
 maths; CUDA, or CPU under TRITON_INTERPRET=1: Triton) -> ``SynergyFunction``
 -> ``synergy_block()``.
 """
@@ -179,7 +179,7 @@ def synergy_bwd_triton(dz, z, ctx, ctx_mask, params, o, lse, n_heads):
     return [dz_out.to(z.dtype), dctx, *grads]
 
 
-@torch.library.custom_op("nearl::synergy_fwd", mutates_args=())
+@torch.library.triton_op("nearl::synergy_fwd", mutates_args=())
 def synergy_fwd(z: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor, params: List[torch.Tensor],
                 n_heads: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """(z_new, saved): what backward needs, the attention output and log-sum-exp for the
@@ -198,7 +198,7 @@ def _synergy_fwd_fake(z, ctx, ctx_mask, params, n_heads):
     return _cpu_fwd(z, ctx, ctx_mask, _as_params(params), n_heads)
 
 
-@torch.library.custom_op("nearl::synergy_bwd", mutates_args=())
+@torch.library.triton_op("nearl::synergy_bwd", mutates_args=())
 def synergy_bwd(dz: torch.Tensor, z: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor,
                 params: List[torch.Tensor], saved: List[torch.Tensor], n_heads: int) -> List[torch.Tensor]:
     """Gradients for [z, ctx, *params] in PARAM_NAMES order; ``saved`` is synergy_fwd's second output."""
