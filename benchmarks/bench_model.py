@@ -124,6 +124,10 @@ def mode_rows(mode: str, size: dict, device: torch.device, compile_regions: bool
 
 
 def make_nearl_compiled(size: dict, mode: str, device: torch.device):
+    import torch._inductor.config
+
+    # A cold compile, as a user's first run pays it: no kernels from an earlier run's cache.
+    torch._inductor.config.force_disable_caches = True
     model = model_steps.make_nearl(size["model"], mode, fused=True, device=device)
     model.compile_regions()
     return model
@@ -140,13 +144,13 @@ def env_description(device: torch.device) -> Dict:
     return env
 
 
-def run(size_name: str, modes=model_steps.MODES, compile_regions: bool = False,
-        device: Optional[torch.device] = None) -> Dict:
+def run(size_name: str, modes=model_steps.MODES, compile_modes=(), device: Optional[torch.device] = None) -> Dict:
+    """Every row of each mode at a size of ``SIZES``; the compiled row for the modes in ``compile_modes``."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = SIZES[size_name]
     result = {"size": size_name, "shape": size, "env": env_description(device), "modes": {}}
     for mode in modes:
-        result["modes"][mode] = mode_rows(mode, size, device, compile_regions)
+        result["modes"][mode] = mode_rows(mode, size, device, mode in compile_modes)
     return result
 
 
@@ -197,17 +201,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), help="default: gpu on CUDA, else cpu")
     p.add_argument("--modes", default=",".join(model_steps.MODES), help="comma-separated: paired,shared")
-    p.add_argument("--compile", action="store_true", help="add the regional --compile row and its compile time")
+    p.add_argument("--compile", nargs="?", const=",".join(model_steps.MODES), default="", metavar="MODES",
+                   help="add the regional --compile row and its compile time, for these modes (default: all)")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--md", help="write the Markdown tables here (default: stdout)")
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in modes if m not in model_steps.MODES]
-    if bad or not modes:
-        print(f"error: --modes takes paired and/or shared; got {args.modes!r}", file=sys.stderr)
-        return 2
+    compiled = [m for m in args.compile.split(",") if m]
+    for flag, value, chosen in (("--modes", args.modes, modes), ("--compile", args.compile, compiled)):
+        if any(m not in model_steps.MODES for m in chosen) or (flag == "--modes" and not chosen):
+            print(f"error: {flag} takes paired and/or shared, comma-separated; got {value!r}", file=sys.stderr)
+            return 2
     size = args.size or ("gpu" if torch.cuda.is_available() else "cpu")
-    result = run(size, modes, args.compile)
+    result = run(size, modes, compiled)
     from nearl_model._io import atomic_write_text
 
     if args.json:

@@ -24,12 +24,16 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from nearl_kernels._launch_hook import intercept_launches  # noqa: E402
 from nearl_kernels.audit import LaunchCounter  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model_steps  # noqa: E402
 
 DTYPE = torch.bfloat16
+MODES_ORDER = model_steps.MODES
 
 
 def count(step) -> Dict:
@@ -93,7 +97,11 @@ def meta_step_counts(mode: str, model_name: str, B: int, K: int) -> Dict[str, Di
             steps[name]()
             with LaunchCounter(run_kernels=False) as counter:
                 steps[name]()
-            out[name] = {"total": counter.total, "triton": sum(counter.triton.values())}
+            # The torch ops' FLOPs; the Triton kernels' own (r-wide, well under 1% of a block's) are not counted.
+            with intercept_launches(lambda launch: None), FlopCounterMode(display=False) as flops:
+                steps[name]()
+            out[name] = {"total": counter.total, "triton": sum(counter.triton.values()),
+                         "torch_flops": flops.get_total_flops()}
     return out
 
 
@@ -102,6 +110,38 @@ def glue(counts: Dict[str, Dict]) -> Dict[str, int]:
     nearl, floor = counts["nearl"]["aten"], counts["floor"]["aten"]
     extra = {op: n - floor.get(op, 0) for op, n in nearl.items() if n > floor.get(op, 0)}
     return dict(sorted(extra.items(), key=lambda kv: -kv[1]))
+
+
+def model_glue(counts: Dict[str, Dict]) -> int:
+    """Launches the NEARL step adds to its floor outside the kernels and their launchers: the model's own glue."""
+    nearl = counts["nearl"]
+    return (nearl["total"] - sum(nearl["triton"].values()) - sum(nearl["in_launchers"].values())
+            - counts["floor"]["total"])
+
+
+def markdown(before: Dict, after: Dict) -> str:
+    """Before/after launch counts per mode, and the GPU-shape counts of ``after``."""
+    lines = ["| mode | | NEARL step | Triton kernels | torch ops in the kernels' launchers | model glue | "
+             "frozen floor | NEARL / floor |", "|---|---|---|---|---|---|---|---|"]
+    for mode in MODES_ORDER:
+        for label, result in (("before", before), ("after", after)):
+            c = result["modes"][mode]
+            n, f = c["nearl"]["total"], c["floor"]["total"]
+            lines.append(f"| {mode} | {label} | {n} | {sum(c['nearl']['triton'].values())} | "
+                         f"{sum(c['nearl']['in_launchers'].values())} | {model_glue(c)} | {f} | {n / f:.2f}x |")
+    g = after["gpu_shape"]
+    lines += ["", f"At the issue's GPU shape ({g['model']}, B={g['B']}, K={g['K']}; meta device, forward and "
+              "backward, no autocast, no optimiser; FLOPs of the torch ops, the kernels' own left out):", "",
+              "| mode | | NEARL step | Triton kernels | frozen floor | NEARL / floor | NEARL TFLOP | floor TFLOP |",
+              "|---|---|---|---|---|---|---|---|"]
+    for mode in MODES_ORDER:
+        for label, result in (("before", before), ("after", after)):
+            c = result["gpu_shape"]["modes"][mode]
+            flops = [f"{c[k]['torch_flops'] / 1e12:.2f}" if "torch_flops" in c[k] else "-" for k in ("nearl", "floor")]
+            lines.append(f"| {mode} | {label} | {c['nearl']['total']} | {c['nearl']['triton']} | "
+                         f"{c['floor']['total']} | {c['nearl']['total'] / c['floor']['total']:.2f}x | "
+                         f"{flops[0]} | {flops[1]} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[list] = None) -> int:

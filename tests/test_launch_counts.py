@@ -24,13 +24,6 @@ COMMITTED = os.path.join(ROOT, "benchmarks", "results", "launch_counts", "after.
 pytestmark = pytest.mark.skipif(not interpreting(), reason="counts the Triton kernels under TRITON_INTERPRET=1 on CPU")
 
 
-def model_glue(counts) -> int:
-    """Launches of the NEARL step beyond its floor, less what the kernels and their launchers issue."""
-    nearl = counts["nearl"]
-    return (nearl["total"] - sum(nearl["triton"].values()) - sum(nearl["in_launchers"].values())
-            - counts["floor"]["total"])
-
-
 @pytest.fixture(scope="module")
 def committed():
     with open(COMMITTED) as f:
@@ -42,7 +35,7 @@ def test_step_launches_match_the_committed_counts(mode, committed):
     counts = launch_counts.step_counts(mode)
     want = committed[mode]
     assert counts["floor"]["total"] == want["floor"]["total"]
-    assert model_glue(counts) == model_glue(want)
+    assert launch_counts.model_glue(counts) == launch_counts.model_glue(want)
     assert counts["nearl"]["total"] <= want["nearl"]["total"]
     # Four interaction layers at the smoke shape: each launches the kernels of two OCAs and one USEformer block.
     assert sum(counts["nearl"]["triton"].values()) == sum(want["nearl"]["triton"].values())
@@ -51,4 +44,4 @@ def test_step_launches_match_the_committed_counts(mode, committed):
 def test_shared_mode_adds_no_more_glue_than_paired(committed):
     # Shared runs K text sequences instead of B*K; its extra text group costs a pad per layer, no more.
     layers = 4
-    assert model_glue(committed["shared"]) <= model_glue(committed["paired"]) + 3 * layers
+    assert launch_counts.model_glue(committed["shared"]) <= launch_counts.model_glue(committed["paired"]) + 3 * layers
