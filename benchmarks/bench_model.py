@@ -1,136 +1,230 @@
-"""Whole NearlCLIP: inference forward and training step, and the adapter overhead.
+"""The rows users compare, per interaction mode, as ratios from one run.
 
-The adapter overhead is a NearlCLIP training step (forward + backward to the
-adapter parameters) over the same frozen CLIP's step with gradients flowing
-back through the same blocks and no adapters: the median ratio over rounds
-in which the two run back to back (``interleaved_overhead``).
+For each mode (paired, shared) one run times, interleaved round by round so
+load from elsewhere falls on every row alike:
+
+- ``nearl``: the NearlCLIP training step (fused, AdamW);
+- ``floor``: its own frozen floor (same blocks, no adapters, gradients only
+  as far as NEARL's reach; paired B*K text sequences, shared K);
+- ``finetune``: a full fine-tune step of the same CLIP;
+- ``lora``: the CLIP-LoRA step of ``nearl_model.methods.lora``;
+- ``nearl_infer`` / ``clip_infer``: NearlCLIP's scores against plain CLIP
+  zero-shot (image + K texts), as images per second;
+- with ``--compile``, ``nearl_compiled``: the NEARL step with regional
+  compilation (``NearlCLIP.compile_regions``), and its compile time.
+
+Each row's time is its median over the rounds; the ratios divide medians of
+the same run. Peak memory is CUDA's allocator peak for one call (n/a on CPU).
+The steps themselves live in ``model_steps.py``.
+
+    python benchmarks/bench_model.py --size smoke --json OUT.json --md OUT.md
 """
 
-import pytest
-import torch
-import torch.nn.functional as F
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
 
-from common import DEVICE, interleaved_overhead, peak_memory, size_class, sync, traffic
-from nearl_model import NearlCLIP, NearlConfig, class_prompts, tokenize_prompts
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = {
-    "gpu": [dict(id="ViT-B-16-B64-K4", model="ViT-B-16", B=64, K=4, rounds=10)],
-    "cpu": [dict(id="ViT-B-16-B4-K4", model="ViT-B-16", B=4, K=4, rounds=6)],
-    "smoke": [dict(id="tiny-B2-K2", model="nearl-tiny", B=2, K=2, rounds=1)],
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model_steps  # noqa: E402
+
+# Training batch B and inference batch B_infer, K classes: the issue's H200 shapes on a GPU.
+SIZES = {
+    "gpu": dict(model="ViT-B-16", B=64, B_infer=256, K=10, rounds=5, dtype="bf16"),
+    "cpu": dict(model="ViT-B-16", B=4, B_infer=8, K=4, rounds=3, dtype=None),
+    "smoke": dict(model="nearl-tiny", B=2, B_infer=4, K=2, rounds=1, dtype=None),
 }
-CLASSES = ["normal lungs", "bacterial pneumonia", "viral pneumonia", "pleural effusion"]
-_MODELS = {}
+TRAIN_ROWS = ("nearl", "floor", "finetune", "lora")
+DTYPES = {"bf16": torch.bfloat16, None: None}
 
 
-def model_case(shape, fused: bool):
-    """The setup factory: a NearlCLIP at ``shape`` with non-zero adapters, images, prompts, labels."""
-    key = (shape["id"], fused)
-    if key not in _MODELS:
-        torch.manual_seed(0)
-        model = NearlCLIP.from_pretrained(shape["model"], config=NearlConfig(), fused=fused).to(DEVICE)
-        with torch.no_grad():
-            for oca in (*model.adapters.oca_image, *model.adapters.oca_text):
-                oca.w_up.normal_(0, 0.02)
-        _MODELS[key] = model
-    model = _MODELS[key]
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(shape["B"], 3, *model.image_size, generator=g).to(DEVICE)
-    texts = tokenize_prompts(class_prompts(CLASSES[: shape["K"]], "a chest X-ray showing {}.")).to(DEVICE)
-    labels = torch.arange(shape["B"], device=DEVICE) % shape["K"]
-    return model, images, texts, labels
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def _autocast():
-    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=DEVICE.type == "cuda")
+def _timed(fn: Callable, device: torch.device) -> float:
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
-def nearl_step(model, images, texts, labels):
-    with _autocast():
-        loss, _ = model.loss(images, texts, labels)
-    params = [p for p in model.parameters() if p.requires_grad]
-    torch.autograd.grad(loss, params)
-    sync()
+def _peak(fn: Callable, device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated() - base
 
 
-def frozen_clip_step(model, images, texts, labels):
-    """The same frozen blocks, heads and loss with no adapters.
-
-    It runs the backbone exactly as NearlCLIP does (the K prompts' first text
-    blocks once, then a copy per image) and lets gradients flow from the loss
-    back through every block after the first interaction point, which is as
-    far as NearlCLIP's gradients reach: the difference is the adapters' cost.
-    """
-    image, text = model.image_tower, model.text_tower
-    B, (K, n) = images.shape[0], texts.shape
-    v_first, t_first = model.image_schedule[0] + 1, model.text_schedule[0] + 1
-    tokens = texts.repeat(B, 1)
-    with _autocast():
-        with torch.no_grad():
-            x_v, x_t = image.embed(images), text.embed(texts)
-            mask = text.attention(texts, x_t)
-            for i in range(v_first):
-                x_v = image.block(i, x_v)
-            for i in range(t_first):
-                x_t = text.block(i, x_t, mask)
-        x_v = x_v.requires_grad_()
-        x_t = x_t.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * K, n, -1).requires_grad_()
-        mask = text.attention(tokens, x_t)
-        h_v, h_t = x_v, x_t
-        for i in range(v_first, image.n_blocks):
-            h_v = image.block(i, h_v)
-        for i in range(t_first, text.n_blocks):
-            h_t = text.block(i, h_t, mask)
-        img = image.head(h_v)
-        txt = text.head(h_t, tokens).view(B, K, -1)
-        logits = model._logits(img, txt)
-        loss = F.cross_entropy(logits.float(), labels)
-    torch.autograd.grad(loss, [x_v, x_t])
-    sync()
+def interleaved(fns: Dict[str, Callable], rounds: int, device: torch.device) -> Dict[str, List[float]]:
+    """Seconds per call of each function, ``rounds`` times, the order rotating each round."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    for i in range(rounds):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(_timed(fns[n], device))
+    return times
 
 
-def _record(benchmark, shape, mode, provider, run):
-    benchmark.extra_info.update(op="nearl_clip", shape=shape["id"], mode=mode, provider=provider, device=str(DEVICE))
-    figures = traffic(run, provider, 0)
-    benchmark.extra_info.update(launches=figures["launches"], bytes_moved=figures["bytes_moved"],
-                                peak_memory_bytes=peak_memory(run, provider))
-    benchmark.pedantic(run, rounds=shape["rounds"], warmup_rounds=1 if shape["rounds"] > 1 else 0)
-    return getattr(benchmark, "stats", None) is not None
+def mode_rows(mode: str, size: dict, device: torch.device, compile_regions: bool = False) -> Dict:
+    """Times, peak memory and ratios of every row for one mode (see the module docstring)."""
+    dtype = DTYPES[size["dtype"]]
+    model = model_steps.make_nearl(size["model"], mode, fused=True, device=device)
+    batch = model_steps.make_batch(model, size["B"], size["K"], device)
+    fns = model_steps.training_steps(model, batch, dtype)
+    infer_batch = model_steps.make_batch(model, size["B_infer"], size["K"], device)
+    infer = model_steps.inference_steps(model, infer_batch, dtype)
+    fns.update({"nearl_infer": infer["nearl"], "clip_infer": infer["clip"]})
+    rows: Dict[str, Dict] = {}
+    if compile_regions:
+        compiled = make_nearl_compiled(size, mode, device)
+        cbatch = model_steps.make_batch(compiled, size["B"], size["K"], device)
+        step = model_steps.training_steps(compiled, cbatch, dtype, baselines=False)["nearl"]
+        first = _timed(step, device)
+        fns["nearl_compiled"] = step
+        rows["nearl_compiled"] = {"first_call_s": first}
+    for fn in fns.values():  # warm-up: kernels built, caches filled, AdamW state made
+        fn()
+    times = interleaved(fns, size["rounds"], device)
+    for name, ts in times.items():
+        rows.setdefault(name, {}).update(median_s=statistics.median(ts), min_s=min(ts), rounds=len(ts),
+                                         peak_bytes=_peak(fns[name], device))
+    med = {n: r["median_s"] for n, r in rows.items()}
+    ratios = {
+        "nearl_over_floor": med["nearl"] / med["floor"],
+        "nearl_over_finetune": med["nearl"] / med["finetune"],
+        "lora_over_floor": med["lora"] / med["floor"],
+        "nearl_infer_over_clip": med["nearl_infer"] / med["clip_infer"],
+    }
+    for name in ("nearl_infer", "clip_infer"):
+        rows[name]["images_per_s"] = size["B_infer"] / med[name]
+    for name in TRAIN_ROWS:
+        rows[name]["images_per_s"] = size["B"] / med[name]
+    if compile_regions:
+        c = rows["nearl_compiled"]
+        # The first call compiles and runs once: its time less a compiled step's is the compile time.
+        c["compile_s"] = c.pop("first_call_s") - c["median_s"]
+        c["images_per_s"] = size["B"] / c["median_s"]
+        ratios["compiled_over_eager"] = c["median_s"] / med["nearl"]
+    return {"rows": rows, "ratios": ratios}
 
 
-def test_frozen_clip_train_step(benchmark, shape):
-    benchmark.group = f"nearl_clip {shape['id']} train_step"
-    model, images, texts, labels = model_case(shape, fused=False)
-    _record(benchmark, shape, "train_step", "frozen_clip", lambda: frozen_clip_step(model, images, texts, labels))
-    assert benchmark.extra_info["launches"] > 0
+def make_nearl_compiled(size: dict, mode: str, device: torch.device):
+    import torch._inductor.config
+
+    # A cold compile, as a user's first run pays it: no kernels from an earlier run's cache.
+    torch._inductor.config.force_disable_caches = True
+    model = model_steps.make_nearl(size["model"], mode, fused=True, device=device)
+    model.compile_regions()
+    return model
 
 
-@pytest.mark.parametrize("provider", ["reference", "fused"])
-def test_nearl_train_step(benchmark, shape, provider):
-    benchmark.group = f"nearl_clip {shape['id']} train_step"
-    model, images, texts, labels = model_case(shape, fused=provider == "fused")
-    timed = _record(benchmark, shape, "train_step", provider, lambda: nearl_step(model, images, texts, labels))
-    if timed:
-        median, low, high = interleaved_overhead(
-            lambda: nearl_step(model, images, texts, labels),
-            lambda: frozen_clip_step(model, images, texts, labels), shape["rounds"],
-        )
-        benchmark.extra_info.update(adapter_overhead=median, adapter_overhead_range=[low, high])
-    assert benchmark.extra_info["mode"] == "train_step"
+def env_description(device: torch.device) -> Dict:
+    import platform
+
+    import triton
+
+    env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
+           "cores": os.cpu_count()}
+    return env
 
 
-@pytest.mark.parametrize("provider", ["reference", "fused", "compiled"])
-def test_nearl_forward(benchmark, shape, provider, request):
-    if provider == "compiled" and size_class(request.config) != "gpu":
-        pytest.skip("inductor takes minutes to compile the whole ViT-B/16 graph on 2 CPU cores; timed on GPU only")
-    benchmark.group = f"nearl_clip {shape['id']} forward"
-    model, images, texts, _ = model_case(shape, fused=provider != "reference")
-    fn = torch.compile(model) if provider == "compiled" else model
+def run(size_name: str, modes=model_steps.MODES, compile_modes=(), device: Optional[torch.device] = None) -> Dict:
+    """Every row of each mode at a size of ``SIZES``; the compiled row for the modes in ``compile_modes``."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = SIZES[size_name]
+    result = {"size": size_name, "shape": size, "env": env_description(device), "modes": {}}
+    for mode in modes:
+        result["modes"][mode] = mode_rows(mode, size, device, mode in compile_modes)
+    return result
 
-    def run():
-        with torch.no_grad(), _autocast():
-            fn(images, texts)
-        sync()
 
-    run()
-    _record(benchmark, shape, "forward", provider, run)
-    assert benchmark.extra_info["launches"] is None or benchmark.extra_info["launches"] > 0
+def _ms(s: Optional[float]) -> str:
+    return "-" if s is None else f"{s * 1e3:.1f} ms"
+
+
+def _gib(b: Optional[int]) -> str:
+    return "n/a" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+LABELS = {
+    "nearl": "NEARL training step (fused)",
+    "floor": "its frozen floor",
+    "finetune": "full fine-tune step",
+    "lora": "CLIP-LoRA step",
+    "nearl_compiled": "NEARL step, regional --compile",
+    "nearl_infer": "NEARL inference",
+    "clip_infer": "plain CLIP zero-shot",
+}
+
+
+def markdown(result: Dict) -> str:
+    """The rows and ratios of :func:`run` as one Markdown table per mode."""
+    s, env = result["shape"], result["env"]
+    out = [f"{env['device']}; torch {env['torch']}, triton {env['triton']}; {s['model']}, training B={s['B']}, "
+           f"inference B={s['B_infer']}, K={s['K']}, {s['dtype'] or 'fp32'}, medians of {s['rounds']} "
+           f"interleaved round(s).", ""]
+    for mode, m in result["modes"].items():
+        out += [f"**{mode}**", "", "| row | time | images/s | vs frozen floor | peak memory |", "|---|---|---|---|---|"]
+        floor = m["rows"]["floor"]["median_s"]
+        for name in ("nearl", "floor", "finetune", "lora", "nearl_compiled", "nearl_infer", "clip_infer"):
+            r = m["rows"].get(name)
+            if r is None:
+                continue
+            vs = f"{r['median_s'] / floor:.2f}x" if name in (*TRAIN_ROWS, "nearl_compiled") else "-"
+            label = LABELS[name] + (f" (compile {r['compile_s']:.1f} s)" if "compile_s" in r else "")
+            out.append(f"| {label} | {_ms(r['median_s'])} | {r['images_per_s']:.1f} | {vs} | {_gib(r['peak_bytes'])} |")
+        ratio = m["ratios"]
+        out += ["", f"NEARL / floor {ratio['nearl_over_floor']:.2f}x, NEARL / fine-tune "
+                    f"{ratio['nearl_over_finetune']:.2f}x, inference NEARL / CLIP {ratio['nearl_infer_over_clip']:.2f}x"
+                + (f", compiled / eager step {ratio['compiled_over_eager']:.2f}x" if "compiled_over_eager" in ratio
+                   else "") + ".", ""]
+    return "\n".join(out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=sorted(SIZES), help="default: gpu on CUDA, else cpu")
+    p.add_argument("--modes", default=",".join(model_steps.MODES), help="comma-separated: paired,shared")
+    p.add_argument("--compile", nargs="?", const=",".join(model_steps.MODES), default="", metavar="MODES",
+                   help="add the regional --compile row and its compile time, for these modes (default: all)")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--md", help="write the Markdown tables here (default: stdout)")
+    args = p.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    compiled = [m for m in args.compile.split(",") if m]
+    for flag, value, chosen in (("--modes", args.modes, modes), ("--compile", args.compile, compiled)):
+        if any(m not in model_steps.MODES for m in chosen) or (flag == "--modes" and not chosen):
+            print(f"error: {flag} takes paired and/or shared, comma-separated; got {value!r}", file=sys.stderr)
+            return 2
+    size = args.size or ("gpu" if torch.cuda.is_available() else "cpu")
+    result = run(size, modes, compiled)
+    from nearl_model._io import atomic_write_text
+
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    if args.md:
+        atomic_write_text(args.md, table)
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,7 +29,16 @@ _REFERENCE_MEAN: Dict[tuple, float] = {}
 
 
 def size_class(config) -> str:
-    """gpu: ViT-B/16 batch 64; cpu: what 2 cores time in minutes; smoke: CI's --benchmark-disable pass."""
+    """gpu: ViT-B/16 batch 64; cpu: what 2 cores time in minutes; smoke: CI's --benchmark-disable pass.
+
+    ``NEARL_BENCH_SIZE`` (gpu, cpu or smoke) overrides the choice: gpu_check.sh's
+    CPU smoke run times the smoke shapes.
+    """
+    forced = os.environ.get("NEARL_BENCH_SIZE")
+    if forced:
+        if forced not in ("gpu", "cpu", "smoke"):
+            raise pytest.UsageError(f"NEARL_BENCH_SIZE must be gpu, cpu or smoke; got {forced!r}")
+        return forced
     if DEVICE.type == "cuda":
         return "gpu"
     return "smoke" if config.getoption("benchmark_disable", False) else "cpu"

@@ -138,7 +138,25 @@ def export_cpu_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _json(*parts):
+    with open(os.path.join(RESULTS, *parts)) as f:
+        return json.load(f)
+
+
+def launch_counts_table() -> str:
+    """Kernel launches of one training step before and after issue 17's glue work (launch_counts.py)."""
+    return _benchmarks_module("launch_counts").markdown(_json("launch_counts", "before.json"),
+                                                        _json("launch_counts", "after.json"))
+
+
+def model_rows_cpu() -> str:
+    """The rows users compare, measured on this project's 2-core CPU (bench_model.py --size cpu)."""
+    return _benchmarks_module("bench_model").markdown(_json("model_rows", "cpu.json"))
+
+
 BLOCKS: Dict[str, Callable[[], str]] = {
+    "launch-counts": launch_counts_table,
+    "model-rows-cpu": model_rows_cpu,
     "compile-gate-matrix": compile_gate_matrix,
     "compile-gate-waves": compile_gate_waves,
     "kernel-roofline": kernel_roofline,

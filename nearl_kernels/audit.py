@@ -25,14 +25,23 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+from torch._library.custom_ops import _maybe_get_opdef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._launch_hook import Launch, intercept_launches
 
 _ACTIVE: Optional["TrafficAudit"] = None
-# Allocations, and _unsafe_view (a view its schema does not mark as one),
-# launch nothing and move no bytes.
-_NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view"}
+# Allocations, _unsafe_view (a view its schema does not mark as one),
+# and profiler markers (the optimiser's record_function) launch nothing and move no bytes.
+_NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view",
+               "_record_function_enter_new", "_record_function_exit"}
+
+
+def launches_kernel(func) -> bool:
+    """Whether an aten op runs a kernel: views, other aliasing ops and allocations do not."""
+    if func.overloadpacket.__name__ in _NO_TRAFFIC or func.is_view:
+        return False
+    return not any(r.alias_info is not None for r in func._schema.returns)
 
 
 def tensor_name(param: str) -> str:
@@ -175,9 +184,7 @@ class TrafficAudit(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self._in_kernel or func.overloadpacket.__name__ in _NO_TRAFFIC:
-            return out
-        if any(r.alias_info is not None for r in func._schema.returns) or func.is_view:
+        if self._in_kernel or not launches_kernel(func):
             return out
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
         self.aten_launches += 1
@@ -186,4 +193,92 @@ class TrafficAudit(TorchDispatchMode):
             self.aten_bytes += nbytes
             if self.n_tokens and t.numel() >= self.n_tokens and t.numel() % self.n_tokens == 0:
                 self.aten_token_bytes += nbytes
+        return out
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Kernel launches of everything run inside the ``with`` block, by name; no bytes.
+
+    One launch per aten op that runs a kernel (:func:`launches_kernel`, the
+    traffic audit's rule) plus one per Triton launch. The count depends on
+    the code path, not on the hardware, so a test may assert it.
+
+    Args:
+        run_kernels: False counts Triton launches without running them (on
+            the meta device, to count a step at GPU shapes with no GPU).
+
+    Attributes:
+        aten: {aten op name: launches}. triton: {kernel name: launches}.
+        in_launchers: {custom op name: aten launches run inside its launcher}
+            (the k/v projections and partial sums around the kernels).
+
+    >>> with LaunchCounter() as count:
+    ...     train_step()
+    >>> count.total
+    """
+
+    def __init__(self, run_kernels: bool = True):
+        super().__init__()
+        self.run_kernels = run_kernels
+        self.aten: Dict[str, int] = defaultdict(int)
+        self.triton: Dict[str, int] = defaultdict(int)
+        self.in_launchers: Dict[str, int] = defaultdict(int)
+        self._in_kernel = False
+        self._intercept = None
+        self._depth = 0
+        self._launcher = []
+
+    @property
+    def total(self) -> int:
+        return sum(self.aten.values()) + sum(self.triton.values())
+
+    def __enter__(self):
+        # Entered again (nested) while running a custom op's body: the hook is already in place.
+        self._depth += 1
+        if self._depth == 1:
+            self._intercept = intercept_launches(self._on_launch)
+            self._intercept.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._intercept.__exit__(*exc)
+                self._intercept = None
+
+    def _on_launch(self, launch: Launch):
+        # The interpreter's own argument copies are part of the launch, not ops of their own.
+        self.triton[launch.name] += 1
+        if not self.run_kernels:
+            return None
+        self._in_kernel = True
+        try:
+            return launch.proceed()
+        finally:
+            self._in_kernel = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        opdef = _maybe_get_opdef(func) if func.namespace not in ("aten", "prims") else None
+        if opdef is not None:
+            # A custom op (nearl::oca_fwd ...) is a Python launcher, not a kernel: run its body
+            # under the counter so the torch ops and Triton kernels it launches are counted.
+            self._launcher.append(func.overloadpacket.__name__)
+            try:
+                with self:
+                    return opdef._init_fn(*args, **kwargs)
+            finally:
+                self._launcher.pop()
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            # matmul, linear...: count the ops they are made of, as a GPU runs them.
+            with self:
+                return func.decompose(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if not self._in_kernel and launches_kernel(func):
+            self.aten[func.overloadpacket.__name__] += 1
+            if self._launcher:
+                self.in_launchers[self._launcher[-1]] += 1
         return out

@@ -10,7 +10,7 @@ from torch import nn
 from .adapter_io import load_into, write_adapter
 from .backbones import create_clip
 from .config import NearlConfig
-from .modules import NearlAdapters
+from .modules import NearlAdapters, interaction_layer
 from .towers import SUPPORTED_TOWERS, check_supported
 
 __all__ = ["NearlCLIP", "SUPPORTED_TOWERS"]
@@ -66,6 +66,8 @@ class NearlCLIP(nn.Module):
         self.image_schedule = _layer_schedule(n_img, self.n_layers)
         self.text_schedule = _layer_schedule(n_txt, self.n_layers)
         self.adapters = NearlAdapters(config, self.n_layers, self.image_tower.width, self.text_tower.width)
+        # The interaction layer's code: torch.compile'd once by compile_regions().
+        self._interaction = interaction_layer
 
     @classmethod
     def from_pretrained(
@@ -125,6 +127,30 @@ class NearlCLIP(nn.Module):
         for p, g in zip(trainable, grads):
             p.grad = g
 
+    def compile_regions(self, **compile_kwargs) -> "NearlCLIP":
+        """Regional compilation: torch.compile each repeated region once and reuse it at every layer.
+
+        The frozen blocks of each tower share one class, so one compiled graph
+        serves all of a tower's blocks; the interaction layer (down-projections,
+        USEformer block, both OCAs) is one function, compiled once for every
+        layer. Compiling the whole model instead traces every layer unrolled.
+        The custom ops stay opaque to the compiler (Triton on CUDA). In place;
+        weights and state dicts are unchanged.
+
+        Args:
+            compile_kwargs: passed to ``torch.compile`` (mode, dynamic, backend...).
+
+        Returns:
+            self.
+
+        Example:
+            >>> model = NearlCLIP.from_pretrained("ViT-B-16").compile_regions()
+        """
+        for block in (*self.image_tower.block_modules(), *self.text_tower.block_modules()):
+            block.compile(**compile_kwargs)
+        self._interaction = torch.compile(interaction_layer, **compile_kwargs)
+        return self
+
     def _check_inputs(self, images: torch.Tensor, texts: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise TypeError(
@@ -150,7 +176,8 @@ class NearlCLIP(nn.Module):
             )
 
     def _features(self, images: torch.Tensor, texts: torch.Tensor):
-        """Unnormalised image (B, D) and text (B, K, D) or (K, D) features, and the penalty."""
+        """Unnormalised image (B, D) and text (B, K, D) or (K, D) features, and the penalty (None unless
+        the penalty ablation is on)."""
         self._check_inputs(images, texts)
         texts = texts.long()
         cfg, image, text, ad = self.config, self.image_tower, self.text_tower, self.adapters
@@ -163,12 +190,15 @@ class NearlCLIP(nn.Module):
         t_valid = text.valid(texts)  # [K, n]
         tokens = texts.repeat(B, 1) if paired else texts
         Lv = x_v.shape[1]
-        ctx_mask = torch.cat([t_valid.new_ones(B, Lv), t_valid.reshape(1, K * n).expand(B, -1)], dim=1)
+        # Groups: the B images, and in shared mode the text group last, whose
+        # context is its prompts only (its image slot is padding, kept out).
+        n_groups = B if paired else B + 1
+        img_valid = t_valid.new_ones(B, Lv)
         if not paired:
-            txt_group_mask = torch.cat([t_valid.new_zeros(1, Lv), t_valid.reshape(1, K * n)], dim=1)
-            ctx_mask = torch.cat([ctx_mask, txt_group_mask], dim=0)
-        z = ad.z0.unsqueeze(0).expand(B + (0 if paired else 1), -1, -1)
-        penalty = x_v.new_zeros((), dtype=torch.float32)
+            img_valid = F.pad(img_valid, (0, 0, 0, 1))
+        ctx_mask = torch.cat([img_valid, t_valid.reshape(1, K * n).expand(n_groups, -1)], dim=1)
+        z = ad.z0.unsqueeze(0).expand(n_groups, -1, -1)
+        penalty = None
         next_img = next_txt = 0
         for j in range(self.n_layers):
             for i in range(next_img, self.image_schedule[j] + 1):
@@ -182,21 +212,12 @@ class NearlCLIP(nn.Module):
                 x_t = x_t.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * K, n, -1)
                 t_mask = text.attention(tokens, x_t)
 
-            oca_v, oca_t, block = ad.oca_image[j], ad.oca_text[j], ad.useformer[j]
-            h_v, h_t = oca_v.down(x_v), oca_t.down(x_t)
-            ctx_t = h_t.reshape(-1, K * n, cfg.r)  # [B or 1, K*n, r]
-            ctx = torch.cat([h_v, ctx_t.expand(B, -1, -1)], dim=1)
-            if not paired:
-                ctx = torch.cat([ctx, torch.cat([h_v.new_zeros(1, Lv, cfg.r), ctx_t], dim=1)], dim=0)
-            z = block(z, ctx, ctx_mask, fused=self.fused)
-            z_v, z_t = (z, z) if paired else (z[:B], z[B:])
-            if cfg.oca_constraint == "penalty":
-                x_v, p_v = oca_v.forward_penalty(x_v, h_v, z_v, 1, cfg.eps)
-                x_t, p_t = oca_t.forward_penalty(x_t, h_t, z_t, K, cfg.eps)
-                penalty = penalty + (p_v + p_t) / (2 * self.n_layers)
-            else:
-                x_v = oca_v(x_v, h_v, z_v, 1, cfg.eps, self.fused)
-                x_t = oca_t(x_t, h_t, z_t, K, cfg.eps, self.fused)
+            x_v, x_t, z, term = self._interaction(
+                ad.oca_image[j], ad.oca_text[j], ad.useformer[j], x_v, x_t, z, ctx_mask, K, paired, cfg.eps,
+                self.fused, cfg.oca_constraint == "penalty")
+            if term is not None:
+                term = term / (2 * self.n_layers)
+                penalty = term if penalty is None else penalty + term
 
         for i in range(next_img, image.n_blocks):
             x_v = image.block(i, x_v)

@@ -3,11 +3,16 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import nearl_kernels as nk
+from nearl_kernels._dispatch import no_autocast
 from nearl_kernels.oca.reference import down_project, oca_delta, oca_parallel_fraction
 from nearl_kernels.synergy import PARAM_NAMES
+
+
+_down_project = no_autocast(down_project)
 
 
 def _normal(*shape: int, fan_in: int) -> nn.Parameter:
@@ -33,8 +38,13 @@ class OCAAdapter(nn.Module):
         self.s_incr = nn.Parameter(torch.tensor(0.0), requires_grad=train_incremental)
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
-        """``h = x W_d + b_d`` (G, L, r): the OCA query and the USEformer context."""
-        return down_project(x, self.w_down, self.b_down)
+        """``h = x W_d + b_d`` (G, L, r) in x's dtype: the OCA query and the USEformer context.
+
+        Outside autocast: under it the fp32 residual stream would first be copied to the autocast
+        dtype (a pass over every token, and casts of W_d, b_d and of their gradients back), for a
+        thin GEMM that reads x once either way.
+        """
+        return _down_project(x, self.w_down, self.b_down)
 
     def forward(self, x, h, z, group_size: int, eps: float, fused: bool) -> torch.Tensor:
         y, _ = nk.oca(
@@ -91,3 +101,41 @@ class NearlAdapters(nn.Module):
         self.oca_text = nn.ModuleList(
             OCAAdapter(text_width, c.r, c.n_heads, c.train_incremental) for _ in range(n_layers)
         )
+
+
+def interaction_layer(oca_v: OCAAdapter, oca_t: OCAAdapter, block: USEformerBlock, x_v: torch.Tensor,
+                      x_t: torch.Tensor, z: torch.Tensor, ctx_mask: torch.Tensor, K: int, paired: bool, eps: float,
+                      fused: bool, penalty: bool):
+    """One interaction layer after its frozen blocks: down-projections, the USEformer block, both OCAs.
+
+    The same code at every layer, so regional compilation compiles it once
+    (:meth:`NearlCLIP.compile_regions`).
+
+    Args:
+        oca_v, oca_t, block: the layer's image OCA, text OCA and USEformer block.
+        x_v: image tokens (B, Lv, dv). x_t: text tokens (B*K or K, n, dt).
+        z: synergy queries (B, M, r) paired; (B + 1, M, r) shared, the text group last.
+        ctx_mask: (groups, Lv + K*n) bool, True where a context token is real.
+        K: prompts per group. paired: the interaction mode. eps: the OCA's.
+        fused: route through the custom ops. penalty: the soft-constraint ablation.
+
+    Returns:
+        ``(x_v, x_t, z, term)``: the updated tokens and queries, and the layer's
+        parallel-energy term (p_v + p_t) under ``penalty`` (else None).
+    """
+    B = x_v.shape[0]
+    h_v, h_t = oca_v.down(x_v), oca_t.down(x_t)
+    ctx_t = h_t.reshape(-1, K * h_t.shape[1], h_t.shape[2])  # [B or 1, K*n, r]
+    if paired:
+        ctx = torch.cat([h_v, ctx_t], dim=1)
+    else:
+        # One pad and one cat: the text group's image slot is a zero row of h_v (masked out).
+        ctx = torch.cat([F.pad(h_v, (0, 0, 0, 0, 0, 1)), ctx_t.expand(B + 1, -1, -1)], dim=1)
+    z = block(z, ctx, ctx_mask, fused=fused)
+    # split's backward is one cat; two slices' would be two zero-filled copies and an add.
+    z_v, z_t = (z, z) if paired else z.split([B, 1])
+    if penalty:
+        x_v, p_v = oca_v.forward_penalty(x_v, h_v, z_v, 1, eps)
+        x_t, p_t = oca_t.forward_penalty(x_t, h_t, z_t, K, eps)
+        return x_v, x_t, z, p_v + p_t
+    return oca_v(x_v, h_v, z_v, 1, eps, fused), oca_t(x_t, h_t, z_t, K, eps, fused), z, None

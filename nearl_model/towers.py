@@ -12,7 +12,7 @@ Text towers: ``text_tower(clip)`` returns a :class:`TextTower`.
 Anything else is refused with a TypeError that names what is supported.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import open_clip
 import torch
@@ -61,6 +61,10 @@ class ImageTower:
         """Block ``i`` applied to tokens (B, L, d)."""
         raise NotImplementedError
 
+    def block_modules(self) -> List[nn.Module]:
+        """The ``n_blocks`` block modules, in order (what regional compilation compiles)."""
+        raise NotImplementedError
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Unnormalised image features (B, D) from the last block's tokens."""
         raise NotImplementedError
@@ -102,6 +106,10 @@ class TextTower:
         """Block ``i`` applied to tokens (S, n, d) under ``mask`` from :meth:`attention`."""
         raise NotImplementedError
 
+    def block_modules(self) -> List[nn.Module]:
+        """The ``n_blocks`` block modules, in order (what regional compilation compiles)."""
+        raise NotImplementedError
+
     def head(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Unnormalised text features (S, D) from the last block's tokens and the token ids."""
         raise NotImplementedError
@@ -139,6 +147,9 @@ class OpenClipViT(ImageTower):
 
     def block(self, i, x):
         return self.visual.transformer.resblocks[i](x)
+
+    def block_modules(self):
+        return list(self.visual.transformer.resblocks)
 
     def head(self, x):
         v = self.visual
@@ -196,6 +207,9 @@ class TimmViT(ImageTower):
 
     def block(self, i, x):
         return self.trunk.blocks[i](x)
+
+    def block_modules(self):
+        return list(self.trunk.blocks)
 
     def head(self, x):
         return self.visual.head(self.trunk.forward_head(self.trunk.norm(x)))
@@ -261,6 +275,9 @@ class _OpenClipText(TextTower):
 
     def block(self, i, x, mask):
         return self.src.transformer.resblocks[i](x, attn_mask=mask)
+
+    def block_modules(self):
+        return list(self.src.transformer.resblocks)
 
     def head(self, x, tokens):
         x = self.src.ln_final(x)
@@ -330,6 +347,9 @@ class HFText(TextTower):
             # transformers 4.x: the additive (S, 1, 1, n) mask its encoder layers take.
             return self.hf.get_extended_attention_mask(valid, tokens.shape)
         return create_bidirectional_mask(config=self.hf.config, inputs_embeds=x, attention_mask=valid)
+
+    def block_modules(self):
+        return list(self.layers)
 
     def block(self, i, x, mask):
         out = self.layers[i](x, mask)

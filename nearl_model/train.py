@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", help="JSON NearlConfig (adapter width, heads, queries, mode...)")
     m.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="route the adapters through the nearl_kernels ops (Triton on CUDA)")
-    m.add_argument("--compile", action="store_true", help="torch.compile the model")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile the repeated regions (each tower's block, the interaction layer) once each")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=None,
                    help="passes over the training set (default: 20, or more to reach --min-steps)")
@@ -500,11 +501,12 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
         torch.set_rng_state(state["rng"])
         history, first_epoch = state["history"], state["epoch"]
 
+    if args.compile:
+        # Regional: each tower's block and the interaction layer compile once for all layers.
+        model.compile_regions()
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        net = torch.compile(net)
 
     n_params = model.num_trainable_parameters()
     if main_process:
@@ -523,7 +525,8 @@ def _train(args, device, rank: int, world: int, out: Optional[RunDir]) -> int:
             print(f"nearl: note: each epoch leaves out {n_train % batch} image(s) (batches are whole; the shuffled "
                   "order changes every epoch, so every image is used)")
         if args.compile:
-            print("nearl: torch.compile: the first batches compile the model (tens of seconds on a CPU)", flush=True)
+            print("nearl: torch.compile: the first batch compiles the model's repeated regions (tens of seconds "
+                  "on a CPU)", flush=True)
         if not args.epochs and epochs > DEFAULT_EPOCHS:
             print(f"nearl: note: {steps_per_epoch} optimiser step(s) an epoch, so {epochs} epochs to reach "
                   f"--min-steps {args.min_steps} (validation and checkpoint every {save_every})")

@@ -39,3 +39,26 @@ def test_each_public_op_is_its_own_reference_with_fused_false():
     assert sorted(nk.__all__) == ["KernelBuildError", "SYNERGY_PARAM_NAMES", "TRITON_RANGE", "oca", "synergy_block"]
     for op in (nk.oca, nk.synergy_block):
         assert inspect.signature(op).parameters["fused"].default is True
+
+
+def test_gpu_check_python_parts_run_at_smoke_shapes(tmp_path, monkeypatch):
+    """What gpu_check.sh runs after the op benchmarks: the model rows, then the goals table (fed the
+    committed CPU op benchmarks here; NEARL_GPU_CHECK_SMOKE=1 runs the whole script on a CPU)."""
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_model
+    import goals
+
+    rows, table, goals_md = tmp_path / "model_rows.json", tmp_path / "model_rows.md", tmp_path / "goals.md"
+    assert bench_model.main(["--size", "smoke", "--json", str(rows), "--md", str(table)]) == 0
+    assert "its frozen floor" in table.read_text() and "plain CLIP zero-shot" in table.read_text()
+    ops = os.path.join(ROOT, "benchmarks", "results", "cpu-2core.json")
+    assert goals.main([ops, str(rows), "--md", str(goals_md)]) == 0
+    text = goals_md.read_text()
+    for goal in ("OCA image, full: eager / fused", "USEformer, full: torch.compile / fused",
+                 "NEARL shared step / its frozen floor", "NEARL paired step / full fine-tune",
+                 "NEARL shared inference / plain CLIP"):
+        line = next(l for l in text.splitlines() if l.startswith(f"| {goal} |"))
+        assert "not measured" not in line, line
+    assert bench_model.main(["--size", "smoke", "--modes", "both"]) == 2
