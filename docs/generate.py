@@ -72,10 +72,16 @@ def benchmarks_cpu_headline() -> str:
     return report.markdown(kept, machine, machine.get("nearl_env", {}))
 
 
+def nearl_gap_table() -> str:
+    """NEARL with one training factor changed at a time, against the harness's baselines (the study's summary.csv)."""
+    return _benchmarks_module("nearl_gap_study").markdown(os.path.join(RESULTS, "nearl_gap", "summary.csv"))
+
+
 BLOCKS: Dict[str, Callable[[], str]] = {
     "compile-gate-matrix": compile_gate_matrix,
     "benchmarks-cpu": benchmarks_cpu_table,
     "benchmarks-cpu-headline": benchmarks_cpu_headline,
+    "nearl-gap": nearl_gap_table,
 }
 
 
