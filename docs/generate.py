@@ -77,11 +77,18 @@ def nearl_gap_table() -> str:
     return _benchmarks_module("nearl_gap_study").markdown(os.path.join(RESULTS, "nearl_gap", "summary.csv"))
 
 
+def nearl_gap_ten_classes() -> str:
+    """The same study's ten-digit follow-up (the text-rate question of docs/learning-speed.md)."""
+    return _benchmarks_module("nearl_gap_study").markdown(os.path.join(RESULTS, "nearl_gap", "summary.csv"),
+                                                          ("digits0-9",), rule=False)
+
+
 BLOCKS: Dict[str, Callable[[], str]] = {
     "compile-gate-matrix": compile_gate_matrix,
     "benchmarks-cpu": benchmarks_cpu_table,
     "benchmarks-cpu-headline": benchmarks_cpu_headline,
     "nearl-gap": nearl_gap_table,
+    "nearl-gap-ten-classes": nearl_gap_ten_classes,
 }
 
 
