@@ -152,6 +152,15 @@ def launch_counts_table() -> str:
 def model_rows_cpu() -> str:
     """The rows users compare, measured on this project's 2-core CPU (bench_model.py --size cpu)."""
     return _benchmarks_module("bench_model").markdown(_json("model_rows", "cpu.json"))
+def nearl_gap_table() -> str:
+    """NEARL with one training factor changed at a time, against the harness's baselines (the study's summary.csv)."""
+    return _benchmarks_module("nearl_gap_study").markdown(os.path.join(RESULTS, "nearl_gap", "summary.csv"))
+
+
+def nearl_gap_ten_classes() -> str:
+    """The same study's ten-digit follow-up (the text-rate question of docs/learning-speed.md)."""
+    return _benchmarks_module("nearl_gap_study").markdown(os.path.join(RESULTS, "nearl_gap", "summary.csv"),
+                                                          ("digits0-9",), rule=False)
 
 
 BLOCKS: Dict[str, Callable[[], str]] = {
@@ -163,6 +172,8 @@ BLOCKS: Dict[str, Callable[[], str]] = {
     "benchmarks-cpu": benchmarks_cpu_table,
     "benchmarks-cpu-headline": benchmarks_cpu_headline,
     "export-cpu": export_cpu_table,
+    "nearl-gap": nearl_gap_table,
+    "nearl-gap-ten-classes": nearl_gap_ten_classes,
 }
 
 
