@@ -22,7 +22,7 @@ header no longer matches them.
 import math
 import os
 import sys
-from typing import Dict, List, NamedTuple, Tuple
+from typing import List, NamedTuple, Tuple
 
 # Measured on the H200 of issue 17 (torch 2.11, triton 3.6): a device-to-device
 # copy and a large bf16 matmul. The floors below are these, not datasheet peaks.
