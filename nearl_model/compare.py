@@ -59,8 +59,9 @@ LOCK_WAIT_SECONDS = 60.0
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nearl_model.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="ImageFolder dir, CSV (path,label[,split]), MedMNIST .npz or DICOM dir "
-                                  "(as nearl_model.train); omit for the synthetic demo")
+    p.add_argument("--data", help="ImageFolder dir, CSV (path,label[,split]), MedMNIST .npz, DICOM dir, "
+                                  "sklearn-digits[:0-4] or medmnist:NAME (as nearl_model.train); omit for the "
+                                  "synthetic demo")
     p.add_argument("--classes", help="class names: JSON list, JSON {label: name} or CSV label,name")
     p.add_argument("--prompt", help="prompt template with one {} (default: the demo's chest X-ray template, "
                                     "or 'a medical image showing {}.' with --data)")

@@ -242,6 +242,15 @@ def test_cli_smoke(tmp_path, capsys):
     assert "compare [2/2] linear-probe 1-shot seed 1" in capsys.readouterr().out
 
 
+def test_cli_runs_on_built_in_digits(tmp_path, capsys):
+    out = str(tmp_path / "digits")
+    assert main(["--data", "sklearn-digits", "--methods", "zeroshot", "--shots", "1", "--seeds", "1",
+                 "--out", out]) == 0
+    assert "scikit-learn digits 0-4" in capsys.readouterr().out
+    assert json.loads(open(os.path.join(out, "run.json")).read())["data"] == "sklearn-digits"
+    assert len(_rows(out)) == 1
+
+
 def test_resume_runs_only_missing_cells(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     args = ["--methods", "zeroshot,tip-adapter", "--shots", "1", "--out", out]
