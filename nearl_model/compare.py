@@ -310,11 +310,25 @@ def render_report(rows: List[Dict], out_dir: str, header: Sequence[str] = (), n_
     if not rows:
         raise CLIError(f"no results to report in {out_dir!r}")
     methods, shots = _order(rows)
-    flagged = collapsed_cells(rows, n_classes, n_test) if n_classes and n_test else []
+    body, flagged = report_sections(rows, n_classes, n_test)
     seeds = sorted({r["seed"] for r in rows})
     md = ["# Few-shot comparison", "", *header, "",
           f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}; test split; "
-          "n/a where a metric is undefined or the method cannot score the classes.", ""]
+          "n/a where a metric is undefined or the method cannot score the classes.", "", *body]
+    atomic_write_text(os.path.join(out_dir, "results.md"), "\n".join(md) + "\n")
+    _plot(rows, methods, shots, os.path.join(out_dir, "accuracy_vs_shots.png"))
+    return flagged
+
+
+def report_sections(rows: List[Dict], n_classes: Optional[int] = None, n_test: Optional[int] = None,
+                    level: str = "##") -> tuple:
+    """The tables of ``results.md`` (metrics, sanity, cost) as Markdown lines, and the flagged cells.
+
+    ``docs/generate.py`` renders the committed grids into docs/compare.md with it.
+    """
+    methods, shots = _order(rows)
+    flagged = collapsed_cells(rows, n_classes, n_test) if n_classes and n_test else []
+    md = []
     sections = [("Accuracy", "accuracy"), ("Balanced accuracy", "balanced_accuracy"), ("Macro F1", "macro_f1"),
                 ("AUROC", "auroc")]
     if any(r.get("harmonic_mean") is not None or "novel_accuracy" in r for r in rows):
@@ -322,16 +336,16 @@ def render_report(rows: List[Dict], out_dir: str, header: Sequence[str] = (), n_
                     ("Harmonic mean", "harmonic_mean")] + sections[1:]
     marks = {(f["method"], f["shots"]) for f in flagged}
     for title, key in sections:
-        md += [f"## {title}", "", *_table(rows, key, methods, shots, marks if key == "accuracy" else set()), ""]
+        md += [f"{level} {title}", "", *_table(rows, key, methods, shots, marks if key == "accuracy" else set()), ""]
     if n_classes and n_test:
-        md += ["## Sanity", "", f"Chance is 1/{n_classes} = {1 / n_classes:.3f} on {n_test} test images. ⚠ marks a "
+        md += [f"{level} Sanity", "", f"Chance is 1/{n_classes} = {1 / n_classes:.3f} on {n_test} test images. ⚠ marks a "
                "fitted method whose mean accuracy stays within 2 binomial standard deviations of chance while the "
                "best method on the same shot count is more than 4 above it: a collapsed baseline, not a hard task.",
                ""]
         md += [f"- ⚠ {f['method']} at {f['shots']}-shot: {f['accuracy']:.3f}, while {f['best']} reaches "
                f"{f['best_accuracy']:.3f}" for f in flagged] or ["No method is flagged."]
         md.append("")
-    md += ["## Cost", "", "| method | trainable parameters | train seconds (mean per cell) | "
+    md += [f"{level} Cost", "", "| method | trainable parameters | train seconds (mean per cell) | "
            "peak memory (MiB, max) |", "|---|---|---|---|"]
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
@@ -340,9 +354,7 @@ def render_report(rows: List[Dict], out_dir: str, header: Sequence[str] = (), n_
         secs = np.mean([r["train_seconds"] for r in mine if r["train_seconds"] is not None])
         mem = [r["peak_memory_bytes"] for r in mine if r.get("peak_memory_bytes") is not None]
         md.append(f"| {m} | {p} | {secs:.2f} | {max(mem) / 2**20:.1f} |" if mem else f"| {m} | {p} | {secs:.2f} | n/a |")
-    atomic_write_text(os.path.join(out_dir, "results.md"), "\n".join(md) + "\n")
-    _plot(rows, methods, shots, os.path.join(out_dir, "accuracy_vs_shots.png"))
-    return flagged
+    return md, flagged
 
 
 def _plot(rows, methods, shots, path: str) -> None:
