@@ -187,3 +187,16 @@ def test_medmnist_not_downloaded_fails_at_once_saying_how_to_fetch_it(tmp_path, 
         load_dataset("medmnist:dermamnist_64", 32)
     raises("name a 2D MedMNIST set", "medmnist:organmnist3d")
     raises("does not exist", f"medmnist:{tmp_path / 'missing.npz'}")
+
+
+def test_a_named_source_is_recorded_as_typed_not_as_a_path(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from nearl_model.train import run_record
+
+    monkeypatch.chdir(tmp_path)
+    data = load_dataset("sklearn-digits", 32)
+    args = Namespace(model="nearl-tiny", pretrained=None, seed=0, data="sklearn-digits", shots=None, precision="fp32")
+    assert run_record(args, data, data.fingerprint(), [])["data"] == "sklearn-digits"
+    (tmp_path / "folder").mkdir()
+    assert run_record(Namespace(**{**vars(args), "data": "folder"}), data, "", [])["data"] == os.path.realpath(tmp_path / "folder")
