@@ -161,6 +161,66 @@ def nearl_gap_ten_classes() -> str:
     """The same study's ten-digit follow-up (the text-rate question of docs/learning-speed.md)."""
     return _benchmarks_module("nearl_gap_study").markdown(os.path.join(RESULTS, "nearl_gap", "summary.csv"),
                                                           ("digits0-9",), rule=False)
+# The committed comparison grids (python -m nearl_model.compare --out benchmarks/results/compare/NAME ...).
+COMPARE = os.path.join(RESULTS, "compare")
+COMPARE_GRIDS = {"demo": "synthetic demo (3 classes)", "digits": "scikit-learn digits 0-4 (5 classes)"}
+HEADLINE_SHOTS = (1, 4, 16)
+
+
+def _compare():
+    sys.path.insert(0, ROOT)
+    try:
+        from nearl_model import compare
+    finally:
+        sys.path.pop(0)
+    return compare
+
+
+def _compare_grid(name: str):
+    """A committed grid's rows, and its class and test-image counts (from its data, loaded as the run did)."""
+    compare = _compare()
+    from nearl_model.data import load_dataset
+
+    folder = os.path.join(COMPARE, name)
+    with open(os.path.join(folder, "run.json")) as f:
+        settings = json.load(f)
+    data = load_dataset(settings["data"], 32, settings["classes"], seed=0)
+    return compare.read_results(os.path.join(folder, "results.csv")), len(data.classes), len(data.splits["test"])
+
+
+def compare_tables(name: str) -> str:
+    """A whole committed grid as results.md renders it: every metric, the sanity flags and the cost."""
+    rows, n_classes, n_test = _compare_grid(name)
+    lines, _ = _compare().report_sections(rows, n_classes, n_test, level="####")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def compare_headline() -> str:
+    """Mean test accuracy at 1, 4 and 16 shots on each committed grid; the best of each column in bold."""
+    compare = _compare()
+    grids = {name: _compare_grid(name) for name in COMPARE_GRIDS}
+    methods = compare._order([r for rows, _, _ in grids.values() for r in rows])[0]
+    columns = [(name, k) for name in COMPARE_GRIDS for k in HEADLINE_SHOTS]
+    means, flags = {}, set()
+    for name, (rows, n_classes, n_test) in grids.items():
+        flags |= {(name, f["method"], f["shots"]) for f in compare.collapsed_cells(rows, n_classes, n_test)}
+        for m in methods:
+            for k in HEADLINE_SHOTS:
+                vals = [r["accuracy"] for r in rows if r["method"] == m and r["shots"] == k]
+                if vals:
+                    means[(name, m, k)] = sum(vals) / len(vals)
+    best = {c: max(v for (n, m, k), v in means.items() if (n, k) == c) for c in columns}
+    lines = ["| method | " + " | ".join(f"{name} {k}-shot" for name, k in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for m in methods:
+        cells = []
+        for name, k in columns:
+            v = means.get((name, m, k))
+            text = "n/a" if v is None else f"**{v:.3f}**" if v == best[(name, k)] else f"{v:.3f}"
+            cells.append(text + (" ⚠" if (name, m, k) in flags else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{name}: {COMPARE_GRIDS[name]}, {n_test} test images" for name, (_, _, n_test) in grids.items())
+    return "\n".join(lines) + f"\n\nMean test accuracy over seeds 1-3 ({counts}); ⚠: a collapsed method.\n"
 
 
 BLOCKS: Dict[str, Callable[[], str]] = {
@@ -174,6 +234,9 @@ BLOCKS: Dict[str, Callable[[], str]] = {
     "export-cpu": export_cpu_table,
     "nearl-gap": nearl_gap_table,
     "nearl-gap-ten-classes": nearl_gap_ten_classes,
+    "compare-demo": lambda: compare_tables("demo"),
+    "compare-digits": lambda: compare_tables("digits"),
+    "compare-headline": compare_headline,
 }
 
 

@@ -59,8 +59,9 @@ LOCK_WAIT_SECONDS = 60.0
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nearl_model.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="ImageFolder dir, CSV (path,label[,split]), MedMNIST .npz or DICOM dir "
-                                  "(as nearl_model.train); omit for the synthetic demo")
+    p.add_argument("--data", help="ImageFolder dir, CSV (path,label[,split]), MedMNIST .npz, DICOM dir, "
+                                  "sklearn-digits[:0-4] or medmnist:NAME (as nearl_model.train); omit for the "
+                                  "synthetic demo")
     p.add_argument("--classes", help="class names: JSON list, JSON {label: name} or CSV label,name")
     p.add_argument("--prompt", help="prompt template with one {} (default: the demo's chest X-ray template, "
                                     "or 'a medical image showing {}.' with --data)")
@@ -249,38 +250,102 @@ def _order(rows: List[Dict]) -> tuple:
     return methods, shots
 
 
-def _table(rows: List[Dict], metric: str, methods, shots) -> List[str]:
+def _table(rows: List[Dict], metric: str, methods, shots, marks: set = frozenset()) -> List[str]:
     lines = ["| method | " + " | ".join(f"{s}-shot" for s in shots) + " |",
              "|---|" + "---|" * len(shots)]
     for m in methods:
-        cells = [_mean_std([r.get(metric) for r in rows if r["method"] == m and r["shots"] == s]) for s in shots]
+        cells = [_mean_std([r.get(metric) for r in rows if r["method"] == m and r["shots"] == s])
+                 + (" ⚠" if (m, s) in marks else "") for s in shots]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
 
-def render_report(rows: List[Dict], out_dir: str, header: Sequence[str] = ()) -> None:
+def collapsed_cells(rows: List[Dict], n_classes: int, n_test: int) -> List[Dict]:
+    """Cells where a fitted method stays at chance while another method on the same shot count is well above it.
+
+    Chance is ``1 / n_classes``; its noise on ``n_test`` test images is the
+    binomial ``sigma = sqrt(c (1 - c) / n_test)``. A method whose mean accuracy
+    over seeds is within 2 sigma of chance is flagged when the best method on
+    the cell is more than 4 sigma above chance: a collapsed baseline, not a
+    hard task. Zero-shot is never flagged (it fits nothing).
+
+    Returns:
+        ``{"method", "shots", "accuracy", "best", "best_accuracy"}`` per flagged cell.
+    """
+    chance = 1 / n_classes
+    sigma = math.sqrt(chance * (1 - chance) / max(1, n_test))
+    methods, shots = _order(rows)
+    flagged = []
+    for k in shots:
+        means = {}
+        for m in methods:
+            vals = [r["accuracy"] for r in rows if r["method"] == m and r["shots"] == k and r["accuracy"] is not None]
+            if vals:
+                means[m] = float(np.mean(vals))
+        if not means:
+            continue
+        best = max(means, key=means.get)
+        if means[best] <= chance + 4 * sigma:
+            continue
+        for m, acc in means.items():
+            if m != "zeroshot" and m != best and acc <= chance + 2 * sigma:
+                flagged.append({"method": m, "shots": k, "accuracy": acc, "best": best, "best_accuracy": means[best]})
+    return flagged
+
+
+def render_report(rows: List[Dict], out_dir: str, header: Sequence[str] = (), n_classes: Optional[int] = None,
+                  n_test: Optional[int] = None) -> List[Dict]:
     """``results.md`` (mean ± std over seeds per method and shot count) and ``accuracy_vs_shots.png``.
 
     Args:
         rows: results.csv rows (``read_results``).
         out_dir: where both files go.
         header: lines put under the title (the run's data, backbone, machine).
+        n_classes, n_test: the classes scored and the test images; with both, accuracy cells of a method
+            stuck at chance (``collapsed_cells``) are flagged with ⚠ and listed under "Sanity".
+
+    Returns:
+        the flagged cells.
     """
     if not rows:
         raise CLIError(f"no results to report in {out_dir!r}")
     methods, shots = _order(rows)
+    body, flagged = report_sections(rows, n_classes, n_test)
     seeds = sorted({r["seed"] for r in rows})
     md = ["# Few-shot comparison", "", *header, "",
           f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}; test split; "
-          "n/a where a metric is undefined or the method cannot score the classes.", ""]
+          "n/a where a metric is undefined or the method cannot score the classes.", "", *body]
+    atomic_write_text(os.path.join(out_dir, "results.md"), "\n".join(md) + "\n")
+    _plot(rows, methods, shots, os.path.join(out_dir, "accuracy_vs_shots.png"))
+    return flagged
+
+
+def report_sections(rows: List[Dict], n_classes: Optional[int] = None, n_test: Optional[int] = None,
+                    level: str = "##") -> tuple:
+    """The tables of ``results.md`` (metrics, sanity, cost) as Markdown lines, and the flagged cells.
+
+    ``docs/generate.py`` renders the committed grids into docs/compare.md with it.
+    """
+    methods, shots = _order(rows)
+    flagged = collapsed_cells(rows, n_classes, n_test) if n_classes and n_test else []
+    md = []
     sections = [("Accuracy", "accuracy"), ("Balanced accuracy", "balanced_accuracy"), ("Macro F1", "macro_f1"),
                 ("AUROC", "auroc")]
     if any(r.get("harmonic_mean") is not None or "novel_accuracy" in r for r in rows):
         sections = [("Base accuracy", "base_accuracy"), ("Novel accuracy", "novel_accuracy"),
                     ("Harmonic mean", "harmonic_mean")] + sections[1:]
+    marks = {(f["method"], f["shots"]) for f in flagged}
     for title, key in sections:
-        md += [f"## {title}", "", *_table(rows, key, methods, shots), ""]
-    md += ["## Cost", "", "| method | trainable parameters | train seconds (mean per cell) | "
+        md += [f"{level} {title}", "", *_table(rows, key, methods, shots, marks if key == "accuracy" else set()), ""]
+    if n_classes and n_test:
+        md += [f"{level} Sanity", "", f"Chance is 1/{n_classes} = {1 / n_classes:.3f} on {n_test} test images. ⚠ marks a "
+               "fitted method whose mean accuracy stays within 2 binomial standard deviations of chance while the "
+               "best method on the same shot count is more than 4 above it: a collapsed baseline, not a hard task.",
+               ""]
+        md += [f"- ⚠ {f['method']} at {f['shots']}-shot: {f['accuracy']:.3f}, while {f['best']} reaches "
+               f"{f['best_accuracy']:.3f}" for f in flagged] or ["No method is flagged."]
+        md.append("")
+    md += [f"{level} Cost", "", "| method | trainable parameters | train seconds (mean per cell) | "
            "peak memory (MiB, max) |", "|---|---|---|---|"]
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
@@ -289,8 +354,7 @@ def render_report(rows: List[Dict], out_dir: str, header: Sequence[str] = ()) ->
         secs = np.mean([r["train_seconds"] for r in mine if r["train_seconds"] is not None])
         mem = [r["peak_memory_bytes"] for r in mine if r.get("peak_memory_bytes") is not None]
         md.append(f"| {m} | {p} | {secs:.2f} | {max(mem) / 2**20:.1f} |" if mem else f"| {m} | {p} | {secs:.2f} | n/a |")
-    atomic_write_text(os.path.join(out_dir, "results.md"), "\n".join(md) + "\n")
-    _plot(rows, methods, shots, os.path.join(out_dir, "accuracy_vs_shots.png"))
+    return md, flagged
 
 
 def _plot(rows, methods, shots, path: str) -> None:
@@ -545,7 +609,12 @@ def run(args, argv: Optional[List[str]] = None) -> int:
               f"- command: `{info['command']}`"]
     with locked(args.out), writing(args.out):
         atomic_write_text(os.path.join(args.out, "machine.json"), json.dumps(info, indent=2) + "\n")
-        render_report(read_results(csv_path), args.out, header)
+        flagged = render_report(read_results(csv_path), args.out, header, len(base_ids),
+                                sum(1 for y in data.splits["test"].labels if y in base_ids))
+    for f in flagged:
+        print(f"compare: warning: {f['method']} stays at chance at {f['shots']}-shot ({f['accuracy']:.3f}, chance "
+              f"{1 / len(base_ids):.3f}) while {f['best']} reaches {f['best_accuracy']:.3f}: a collapsed baseline; "
+              "see the Sanity section of results.md", file=sys.stderr)
     print(f"wrote {args.out}/: results.csv, results.md, accuracy_vs_shots.png, machine.json ({seconds:.0f}s)")
     return 0
 

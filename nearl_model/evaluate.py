@@ -20,7 +20,7 @@ from nearl_kernels import KernelBuildError
 from ._cli import CLIError, HelpFormatter, add_inference_args, check_outputs, fail, load_run, writing
 from ._io import atomic_write_text
 from .run_dir import LOCK_NAME, RUN_FILES
-from .data import DataError, load_dataset
+from .data import DataError, is_named_source, load_dataset
 from .metrics import format_per_class, format_scores
 from .train import evaluate
 
@@ -71,7 +71,7 @@ def _evaluate(args) -> int:
     if args.data is None and "data" not in run:
         raise CLIError(f"adapter {args.adapter!r} does not record its training data; pass --data and --seed")
     data_path = args.data if args.data is not None else run["data"]
-    if args.data is None and data_path and not os.path.exists(data_path):
+    if args.data is None and data_path and not is_named_source(data_path) and not os.path.exists(data_path):
         raise CLIError(f"the training data {data_path!r} of this run is not there any more (moved?); pass its new "
                        "place with --data")
     seed = args.seed if args.seed is not None else run["seed"]

@@ -10,11 +10,16 @@ from .backbones import get_tokenizer
 DEFAULT_TEMPLATE = "a medical image showing {}."
 # The embedded demo's images are chest X-rays.
 DEMO_TEMPLATE = "a chest X-ray showing {}."
+# --data sklearn-digits: the classes are the digits themselves.
+DIGITS_TEMPLATE = "a photo of the handwritten digit {}."
 
 
 def default_template(data: Optional[str]) -> str:
-    """The prompt template when none is given: the demo's for ``data=None``, the generic one otherwise."""
-    return DEMO_TEMPLATE if data is None else DEFAULT_TEMPLATE
+    """The prompt template when none is given: the demo's for ``data=None``, the digits' for
+    ``sklearn-digits``, the generic medical one otherwise."""
+    if data is None:
+        return DEMO_TEMPLATE
+    return DIGITS_TEMPLATE if data.startswith("sklearn-digits") else DEFAULT_TEMPLATE
 
 
 def check_template(template: str) -> None:

@@ -40,7 +40,7 @@ from .backbones import (activation_bytes, check_model_config, check_model_memory
                         physical_memory)
 from .clip import NearlCLIP
 from .config import NearlConfig
-from .data import DataError, DataSplits, LabeledImages, few_shot, load_dataset
+from .data import DataError, DataSplits, LabeledImages, few_shot, is_named_source, load_dataset
 from .metrics import classification_metrics, format_per_class, format_scores, plot_confusion, plot_curves
 from .prompts import check_template, class_prompts, default_template, tokenize_prompts
 from .run_dir import RUN_FILES, RunDir, RunDirError
@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nearl_model.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--data", help="ImageFolder dir, CSV (path,label[,split]), MedMNIST .npz or DICOM dir; "
-                                  "omit for the synthetic demo")
+    d.add_argument("--data", help="ImageFolder dir, CSV (path,label[,split]), MedMNIST .npz, DICOM dir, "
+                                  "sklearn-digits[:0-4] (bundled, no download) or medmnist:NAME (a downloaded "
+                                  "MedMNIST set, e.g. medmnist:pneumoniamnist); omit for the synthetic demo")
     d.add_argument("--classes", help="class names: JSON list, JSON {label: name} or CSV label,name")
     d.add_argument("--prompt", default=None, help="prompt template with one {}; default 'a chest X-ray showing {}.' "
                                                   "for the demo, 'a medical image showing {}.' otherwise")
@@ -606,7 +607,7 @@ def run_record(args, data: DataSplits, fingerprint: str, prompts: List[str]) -> 
     return {"model": resolved(args.model), "model_file": _file_identity(args.model),
             "pretrained": resolved(args.pretrained), "pretrained_file": _file_identity(args.pretrained),
             "seed": args.seed, "classes": data.classes, "prompts": prompts,
-            "data": os.path.realpath(args.data) if args.data else None,
+            "data": args.data if is_named_source(args.data) or not args.data else os.path.realpath(args.data),
             "data_fingerprint": fingerprint, "shots": args.shots, "precision": args.precision}
 
 

@@ -137,3 +137,66 @@ def test_class_names_file_with_a_duplicate_is_refused(folder, tmp_path):
     names = tmp_path / "classes.json"
     names.write_text(json.dumps(["normal", "normal"]))
     raises("names a class twice", folder, classes=str(names))
+
+
+def test_sklearn_digits_is_built_in_and_split_like_any_source():
+    data = load_dataset("sklearn-digits", 32)
+    assert data.classes == ["0", "1", "2", "3", "4"]
+    # 100 per digit, carved 70 / 15 / 15 by the same stratified rule as an ImageFolder without splits.
+    for split, n in (("train", 70), ("val", 15), ("test", 15)):
+        assert np.bincount(data.splits[split].labels).tolist() == [n] * 5
+    image = data.splits["train"].items[0]
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and image.max() > 200
+    assert data.splits["train"][0][0].shape == (3, 32, 32)
+    assert load_dataset("sklearn-digits", 32).fingerprint() == data.fingerprint()
+    other = load_dataset("sklearn-digits:5-9", 32)
+    assert other.classes == ["5", "6", "7", "8", "9"] and other.fingerprint() != data.fingerprint()
+    assert load_dataset("sklearn-digits:1,3,7", 32).classes == ["1", "3", "7"]
+    for bad in ("sklearn-digits:x", "sklearn-digits:3,3", "sklearn-digits:8-12"):
+        raises("pick digits as", bad)
+
+
+def medmnist_npz(path, n=8):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 8).reshape(-1, 1)
+    return npz(path, **arrays)
+
+
+def test_medmnist_by_name_reads_the_downloaded_npz_and_names_its_classes(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path))
+    medmnist_npz(tmp_path / "bloodmnist.npz")
+    data = load_dataset("medmnist:BloodMNIST", 32)
+    assert data.classes[:3] == ["basophil", "eosinophil", "erythroblast"] and len(data.classes) == 8
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 8, "val": 8, "test": 8}
+    # A local file, by path, is the same data.
+    assert load_dataset(f"medmnist:{tmp_path / 'bloodmnist.npz'}", 32).fingerprint() == data.fingerprint()
+
+
+def test_medmnist_not_downloaded_fails_at_once_saying_how_to_fetch_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path))
+    with pytest.raises(DataError) as err:
+        load_dataset("medmnist:pneumoniamnist", 32)
+    message = str(err.value)
+    assert "\n" not in message
+    assert str(tmp_path / "pneumoniamnist.npz") in message and "medmnist.PneumoniaMNIST(split='test'" in message
+    assert "--data /path/to/pneumoniamnist.npz" in message
+    with pytest.raises(DataError, match=r"size=64.*dermamnist_64\.npz"):
+        load_dataset("medmnist:dermamnist_64", 32)
+    raises("name a 2D MedMNIST set", "medmnist:organmnist3d")
+    raises("does not exist", f"medmnist:{tmp_path / 'missing.npz'}")
+
+
+def test_a_named_source_is_recorded_as_typed_not_as_a_path(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from nearl_model.train import run_record
+
+    monkeypatch.chdir(tmp_path)
+    data = load_dataset("sklearn-digits", 32)
+    args = Namespace(model="nearl-tiny", pretrained=None, seed=0, data="sklearn-digits", shots=None, precision="fp32")
+    assert run_record(args, data, data.fingerprint(), [])["data"] == "sklearn-digits"
+    (tmp_path / "folder").mkdir()
+    assert run_record(Namespace(**{**vars(args), "data": "folder"}), data, "", [])["data"] == os.path.realpath(tmp_path / "folder")

@@ -1,4 +1,5 @@
-"""Where labelled images come from: the demo, an ImageFolder or DICOM tree, a CSV, a MedMNIST ``.npz``.
+"""Where labelled images come from: the demo, an ImageFolder or DICOM tree, a CSV, a MedMNIST ``.npz``,
+and two named public sets: ``sklearn-digits`` (bundled with scikit-learn) and ``medmnist:NAME``.
 
 Every source is checked whole before training starts: the layout (classes,
 labels, counts), then every file decoded once, so bad data stops a run before
@@ -19,9 +20,38 @@ from .images import (DICOM_EXTENSIONS, IMAGE_EXTENSIONS, DataError, check_regula
                      read_image)
 from .splits import SPLITS, DataSplits, LabeledImages, check_layout, fill_missing_splits
 
-# MedMNIST .npz files carry no label names; the known ones are filled in.
-MEDMNIST_LABELS = {"pneumoniamnist": ["normal", "pneumonia"]}
+# MedMNIST .npz files carry no label names; the 2D single-label sets' names (the medmnist package's INFO) are
+# filled in. ChestMNIST is multi-label and refused by the .npz loader.
+MEDMNIST_LABELS = {
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "breastmnist": ["malignant", "normal, benign"],
+    "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte", "monocyte",
+                   "neutrophil", "platelet"],
+    "dermamnist": ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                   "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+                   "vascular lesions"],
+    "pathmnist": ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle", "normal colon mucosa",
+                  "cancer-associated stroma", "colorectal adenocarcinoma epithelium"],
+    "octmnist": ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"],
+    "organamnist": ["bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver",
+                    "lung-left", "lung-right", "pancreas", "spleen"],
+}
+MEDMNIST_PREFIX = "medmnist:"
+# Where the medmnist package downloads to (its DEFAULT_ROOT); MEDMNIST_ROOT overrides it.
+MEDMNIST_ROOT_ENV = "MEDMNIST_ROOT"
+MEDMNIST_RECORD = "https://zenodo.org/records/10519652"
 DEMO_SIZES = {"train": 600, "val": 150, "test": 300}
+
+# scikit-learn's load_digits: 1,797 8x8 handwritten digits, 0-16 grey levels, shipped inside the package.
+DIGITS = "sklearn-digits"
+DIGITS_DEFAULT = "0-4"
+DIGITS_PER_CLASS = 100
+DIGITS_SIZE = 32
+
+
+def is_named_source(data: Optional[str]) -> bool:
+    """Whether ``data`` names a built-in public set (``sklearn-digits[:DIGITS]``, ``medmnist:NAME``), not a path."""
+    return bool(data) and (data == DIGITS or data.startswith((DIGITS + ":", MEDMNIST_PREFIX)))
 
 
 def load_dataset(
@@ -32,7 +62,9 @@ def load_dataset(
 
     Args:
         data: None, a directory (ImageFolder tree, with or without train/val/test
-            subfolders, or a DICOM tree), a ``.csv`` (path,label[,split]) or a ``.npz``.
+            subfolders, or a DICOM tree), a ``.csv`` (path,label[,split]), a ``.npz``,
+            ``sklearn-digits[:DIGITS]`` (see ``load_sklearn_digits``) or
+            ``medmnist:NAME`` (see ``medmnist_path``).
         image_size: the backbone's input size.
         classes: the class names in label order, or a JSON list, JSON
             {label: name} or CSV (label,name) file of them. Named labels
@@ -53,10 +85,14 @@ def load_dataset(
             splits[name] = LabeledImages(images, labels, image_size)
         return DataSplits(list(DEMO_CLASSES), splits,
                           f"SYNTHETIC DEMO: {sum(DEMO_SIZES.values())} generated X-ray-like images, no real patients")
-    if not os.path.exists(data):
+    if data.startswith(MEDMNIST_PREFIX):
+        data = medmnist_path(data)
+    if not is_named_source(data) and not os.path.exists(data):
         raise DataError(f"data path {data!r} does not exist")
     origins = None
-    if data.lower().endswith(".npz"):
+    if is_named_source(data):
+        out = load_sklearn_digits(data, image_size)
+    elif data.lower().endswith(".npz"):
         out = _load_npz(data, image_size)
     elif data.lower().endswith(".csv"):
         out, origins = _load_csv(data, image_size)
@@ -66,7 +102,7 @@ def load_dataset(
         raise DataError(f"data {data!r} must be a directory, a .csv or a .npz file")
     if classes:
         names = _read_class_names(classes) if isinstance(classes, str) else [str(c) for c in classes]
-        if data.lower().endswith(".npz"):
+        if data.lower().endswith(".npz") or is_named_source(data):
             if len(names) < len(out.classes):
                 raise DataError(f"{classes!r} names {len(names)} classes but the labels in {data!r} go up to "
                                 f"{len(out.classes) - 1}")
@@ -80,6 +116,79 @@ def load_dataset(
     check_layout(out, repr(data))
     _decode_all(out)
     return out
+
+
+def load_sklearn_digits(spec: str, image_size: int) -> DataSplits:
+    """scikit-learn's bundled handwritten digits as an in-memory set: no download.
+
+    ``sklearn-digits`` is digits 0-4; ``sklearn-digits:5-9``, ``:0-9`` or
+    ``:1,3,7`` pick others. Each digit keeps its first 100 images in
+    ``load_digits`` order (the set has 174-183 of each), upscaled from 8x8 to
+    32x32 RGB (bilinear) with the 17 grey levels spread over 0-255: the set
+    issue 19 measured. Class names are the digits; val and test are carved
+    from them as for any source without splits.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    wanted = spec.partition(":")[2] or DIGITS_DEFAULT
+    try:
+        digits = []
+        for part in wanted.split(","):
+            lo, _, hi = part.strip().partition("-")
+            digits += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        digits = []
+    if not digits or len(set(digits)) != len(digits) or not all(0 <= d <= 9 for d in digits):
+        raise DataError(f"--data {spec!r}: pick digits as {DIGITS}:0-4, {DIGITS}:5-9 or {DIGITS}:1,3,7 "
+                        "(each of 0-9 at most once)")
+    bunch = load_digits()
+    items, labels = [], []
+    for label, d in enumerate(digits):
+        for pixels in bunch.images[bunch.target == d][:DIGITS_PER_CLASS]:
+            grey = Image.fromarray(np.round(pixels * 255 / 16).astype(np.uint8))
+            up = np.asarray(grey.resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR))
+            items.append(np.repeat(up[:, :, None], 3, axis=2))
+            labels.append(label)
+    return DataSplits([str(d) for d in digits], {"train": LabeledImages(items, labels, image_size)},
+                      f"scikit-learn digits {wanted} ({DIGITS_PER_CLASS} per digit, {DIGITS_SIZE}x{DIGITS_SIZE} RGB)")
+
+
+def medmnist_path(spec: str) -> str:
+    """``medmnist:NAME`` -> the MedMNIST ``.npz`` it names, which must already be on disk (nothing is downloaded).
+
+    NAME is a MedMNIST flag (``pneumoniamnist``, ``BloodMNIST``, ``dermamnist_64`` for the 64-pixel
+    release), looked up in ``$MEDMNIST_ROOT`` or ``~/.medmnist`` (where the medmnist package saves it),
+    or a path to the ``.npz`` itself.
+
+    Raises:
+        DataError: one line saying how to fetch the file, or which ``.npz`` to pass instead.
+    """
+    name = spec[len(MEDMNIST_PREFIX):].strip()
+    if name.lower().endswith(".npz"):
+        if not os.path.exists(name):
+            raise DataError(f"--data {spec!r}: {name!r} does not exist")
+        return name
+    flag = name.lower()
+    base = flag.split("_")[0]
+    if not base.endswith("mnist") or base.endswith("3d") or not base[:-5]:
+        raise DataError(f"--data {spec!r}: name a 2D MedMNIST set, e.g. medmnist:pneumoniamnist, medmnist:bloodmnist "
+                        "or medmnist:dermamnist_64, or give the .npz path")
+    root = os.environ.get(MEDMNIST_ROOT_ENV) or os.path.join(os.path.expanduser("~"), ".medmnist")
+    path = os.path.join(root, flag + ".npz")
+    if not os.path.exists(path):
+        size = flag.partition("_")[2]
+        cls = next((k for k in _MEDMNIST_CLASSES if k.lower() == base), base)
+        raise DataError(f"--data {spec!r}: {path} is not there and nearl downloads nothing; fetch it with "
+                        f"`pip install medmnist && python -c \"import medmnist; medmnist.{cls}(split='test', "
+                        f"download=True{', size=' + size if size else ''})\"` (or from {MEDMNIST_RECORD}), "
+                        f"or pass the file: --data /path/to/{flag}.npz")
+    return path
+
+
+# The medmnist package's class names, for the fetch command in medmnist_path's error.
+_MEDMNIST_CLASSES = ("PathMNIST", "DermaMNIST", "OCTMNIST", "PneumoniaMNIST", "RetinaMNIST", "BreastMNIST",
+                     "BloodMNIST", "TissueMNIST", "OrganAMNIST", "OrganCMNIST", "OrganSMNIST")
 
 
 def _identify(data: DataSplits, origins: Dict[str, List[str]], source: str) -> None:

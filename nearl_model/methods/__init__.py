@@ -12,7 +12,7 @@ from .coop import CoOp
 from .linear_probe import LinearProbe
 from .lora import LoRA
 from .nearl import Nearl
-from .tip_adapter import TipAdapter
+from .tip_adapter import TipAdapter, TipAdapterF
 from .zeroshot import ZeroShot
 
 METHODS: Dict[str, Callable[[], Method]] = {
@@ -20,6 +20,7 @@ METHODS: Dict[str, Callable[[], Method]] = {
     "linear-probe": LinearProbe,
     "clip-adapter": ClipAdapter,
     "tip-adapter": TipAdapter,
+    "tip-adapter-f": TipAdapterF,
     "coop": CoOp,
     "lora": LoRA,
     "nearl": lambda: Nearl("paired"),
@@ -27,4 +28,4 @@ METHODS: Dict[str, Callable[[], Method]] = {
 }
 
 __all__ = ["METHODS", "Backbone", "ClassSet", "Method", "Task", "View", "ZeroShot", "LinearProbe", "ClipAdapter",
-           "TipAdapter", "CoOp", "LoRA", "Nearl"]
+           "TipAdapter", "TipAdapterF", "CoOp", "LoRA", "Nearl"]
