@@ -107,11 +107,16 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def add_backbone_args(p: argparse.ArgumentParser) -> None:
+    """Where a run's backbone is, when not where the training run found it (evaluate, predict, export)."""
+    p.add_argument("--pretrained", help="backbone weights, if not where the training run found them")
+    p.add_argument("--model", help="the backbone's model JSON, if not where the training run found it")
+
+
 def add_inference_args(p: argparse.ArgumentParser) -> None:
     """The flags evaluate and predict share; the rest of a run's settings come from its record."""
     p.add_argument("--adapter", required=True, help="adapter.safetensors written by nearl_model.train")
-    p.add_argument("--pretrained", help="backbone weights, if not where the training run found them")
-    p.add_argument("--model", help="the backbone's model JSON, if not where the training run found it")
+    add_backbone_args(p)
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="route the adapters through the nearl_kernels ops (Triton on CUDA)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")

@@ -31,7 +31,7 @@ from torch import nn
 
 from nearl_kernels import KernelBuildError
 
-from ._cli import CLIError, HelpFormatter, check_outputs, fail, pick_device, writing
+from ._cli import CLIError, HelpFormatter, add_backbone_args, check_outputs, fail, pick_device, writing
 from ._io import atomic_write, atomic_write_text
 from .data.images import file_digest
 from .data.splits import LabeledImages
@@ -252,8 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     src.add_argument("--run", help="a finished nearl_model.train output directory")
     src.add_argument("--adapter", help="adapter.safetensors written by nearl_model.train")
     p.add_argument("--out", required=True, help="the package to write (.pt2); its JSON goes beside it")
-    p.add_argument("--pretrained", help="backbone weights, if not where the training run found them")
-    p.add_argument("--model", help="the backbone's model JSON, if not where the training run found it")
+    add_backbone_args(p)
     p.add_argument("--classes", help="export only these of the run's classes (JSON list or comma-separated)")
     p.add_argument("--device", default="cpu", help="where the package runs: cpu, cuda, cuda:1 ...")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
