@@ -103,15 +103,24 @@ def is_low_precision(t: torch.Tensor) -> bool:
     return t.dtype in (torch.bfloat16, torch.float16)
 
 
+TRACE_SM_COUNT = 132
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``, for grids sized to fill it (1 off CUDA).
 
     The compile gate replaces this with its target's count, since it builds
-    launches on the meta device with no GPU present.
+    launches on the meta device with no GPU present. Fake CUDA tensors traced
+    where no GPU is visible (exporting a CUDA package on a CPU machine) get
+    ``TRACE_SM_COUNT``, an H100's or H200's count: the grid it sizes is baked
+    into the package, and is still correct, if less full, on other GPUs.
     """
     if device.type != "cuda":
         return 1
+    if not torch.cuda.is_available():
+        return TRACE_SM_COUNT
     return torch.cuda.get_device_properties(device).multi_processor_count
+
 
 
 # Tests set this so every output buffer starts as NaN: an element a kernel
