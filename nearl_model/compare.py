@@ -389,6 +389,20 @@ def _plot(rows, methods, shots, path: str) -> None:
         plt.close(fig)
 
 
+def earlier_runs(path: str) -> List[Dict]:
+    """The runs recorded in an existing ``machine.json``, oldest first: a run that adds cells to a grid
+    (a resumed run, another method or seed) must not erase what made the cells already there."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(previous, dict):
+        return []
+    runs = previous.pop("earlier_runs", [])
+    return (runs if isinstance(runs, list) else []) + [previous]
+
+
 def machine_info(args, device: torch.device, seconds: float, argv: Optional[List[str]]) -> Dict:
     """What ran the grid: CPU/GPU, versions, date, the command line."""
     import open_clip
@@ -608,6 +622,9 @@ def run(args, argv: Optional[List[str]] = None) -> int:
               f"open_clip {info['open_clip']}, {info['date']}",
               f"- command: `{info['command']}`"]
     with locked(args.out), writing(args.out):
+        info["earlier_runs"] = earlier_runs(os.path.join(args.out, "machine.json"))
+        if info["earlier_runs"]:
+            header.append(f"- earlier runs into this folder: {len(info['earlier_runs'])} (commands in machine.json)")
         atomic_write_text(os.path.join(args.out, "machine.json"), json.dumps(info, indent=2) + "\n")
         flagged = render_report(read_results(csv_path), args.out, header, len(base_ids),
                                 sum(1 for y in data.splits["test"].labels if y in base_ids))

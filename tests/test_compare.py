@@ -276,6 +276,12 @@ def test_cli_smoke(tmp_path, capsys):
         assert os.path.getsize(os.path.join(out, name)) > 0
     machine = json.loads(open(os.path.join(out, "machine.json")).read())
     assert machine["torch"] == torch.__version__ and "--methods zeroshot,linear-probe" in machine["command"]
+    assert machine["earlier_runs"] == []
+    # A second run adding cells keeps the record of the first.
+    assert main(["--methods", "zeroshot", "--shots", "2", "--seeds", "1", "--out", out]) == 0
+    again = json.loads(open(os.path.join(out, "machine.json")).read())
+    assert "--shots 2" in again["command"]
+    assert [r["command"] for r in again["earlier_runs"]] == [machine["command"]]
     # Not a terminal: progress comes as plain lines.
     assert "compare [2/2] linear-probe 1-shot seed 1" in capsys.readouterr().out
 
