@@ -85,16 +85,23 @@ def test_clip_adapter_moves_away_from_zero_shot(digits):
     backbone, _, classes, _, test = digits
     zero_shot = ZeroShot().predict_proba(backbone, test, classes)
     chance = 1 / len(classes)
-    accs = []
+    accs, probe = [], []
     for seed in SEEDS:
         method = METHODS["clip-adapter"]()
         method.fit(backbone, task(digits, 4, seed))
         probs = method.predict_proba(backbone, test, classes)
         assert not np.allclose(probs, zero_shot, atol=1e-3)
         accs.append(accuracy(probs, test))
-    # Zero-shot reads chance here (one class for every image); the adapter must clear it by more than noise.
+        reference = METHODS["linear-probe"]()
+        reference.fit(backbone, task(digits, 4, seed))
+        probe.append(accuracy(reference.predict_proba(backbone, test, classes), test))
+    # Zero-shot reads chance here (one class for every image); the adapter must clear it by more than noise,
+    # and, learning on the same features as the probe (its input standardised as the probe's is), stay in the
+    # probe's league: an adapter on raw features in this narrow cone read about 0.30 against the probe's 0.54.
+    bound = noise(len(test), len(SEEDS))
     assert accuracy(zero_shot, test) <= chance + 1e-9
-    assert np.mean(accs) >= chance + noise(len(test), len(SEEDS)), accs
+    assert np.mean(accs) >= chance + bound, accs
+    assert np.mean(accs) >= np.mean(probe) - bound, (accs, probe)
 
 
 @pytest.mark.parametrize("name", ["tip-adapter", "tip-adapter-f"])

@@ -10,7 +10,7 @@ images, 0.6 for the specialised ones); we search the same range, {0.2, 0.4,
 cosine decay after one warm-up epoch at a constant 1e-5, as the paper's
 released code (the CoOp recipe).
 
-Two changes from the paper, and why:
+Three changes from the paper, and why:
 
 - The optimiser is AdamW at 1e-2, not SGD at 2e-3. The gradient reaching the
   adapter is proportional to CLIP's logit scale, and the SGD rate was set for
@@ -29,6 +29,17 @@ Two changes from the paper, and why:
   ``W_2`` would never receive a gradient. ``W_1`` gets its gradient once
   ``W_2`` moves. (This init was the first suspect in issue 19; it was not
   the cause: ``W_2``'s gradient at step 0 is non-zero, only small.)
+- The adapter's input is the feature standardised per dimension, with the
+  mean and spread of the train and val features pooled (as the linear probe
+  standardises its input); the residual and the head still take the feature
+  itself. A randomly initialised or far-from-domain tower puts every image
+  in a narrow cone (mean pairwise cosine 0.99 on the digits): the class lies
+  in deviations of about 1% of the norm, which ``W_1`` at its default init
+  barely sees, and with AdamW alone the adapter read 0.30 at 4 shots on
+  digits 0-4 (seeds 1-3; the probe 0.54). Standardised, it reads 0.54 at 4
+  shots and 0.78 at 16. On features with a pretrained CLIP's spread this is
+  an affine change of the input, what a BatchNorm in front of the adapter
+  would do.
 """
 
 import numpy as np
@@ -45,17 +56,20 @@ LR, WEIGHT_DECAY, BATCH, EPOCHS, WARMUP_LR = 1e-2, 5e-4, 32, 200, 1e-5
 
 
 class Adapter(nn.Module):
-    """``ratio * ReLU(ReLU(f W_1) W_2) + (1 - ratio) * f``."""
+    """``ratio * ReLU(ReLU(s W_1) W_2) + (1 - ratio) * f``, ``s = (f - mean) / scale``."""
 
-    def __init__(self, dim: int, reduction: int = REDUCTION, ratio: float = RATIO):
+    def __init__(self, dim: int, reduction: int = REDUCTION, ratio: float = RATIO,
+                 mean: torch.Tensor = None, scale: torch.Tensor = None):
         super().__init__()
         self.ratio = ratio
         self.fc1 = nn.Linear(dim, dim // reduction, bias=False)
         self.fc2 = nn.Linear(dim // reduction, dim, bias=False)
         nn.init.zeros_(self.fc2.weight)
+        self.register_buffer("mean", torch.zeros(dim) if mean is None else mean.clone())
+        self.register_buffer("scale", torch.ones(dim) if scale is None else scale.clone())
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        y = self.fc2(F.relu(self.fc1(f)))
+        y = self.fc2(F.relu(self.fc1((f - self.mean) / self.scale)))
         return self.ratio * y * (y >= 0) + (1 - self.ratio) * f
 
 
@@ -85,7 +99,11 @@ class ClipAdapter(Method):
         x, y = backbone.image_features(task.train), backbone.labels(task.train)
         xv, yv = backbone.image_features(task.val), backbone.labels(task.val)
         text = backbone.text_features(task.classes.prompts)
-        self.adapter = Adapter(x.shape[1], ratio=ratio).to(backbone.device)
+        pooled = torch.cat([x, xv])
+        # Population spread, floored so that a constant dimension divides by 1, not by 0.
+        scale = pooled.std(0, unbiased=False)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        self.adapter = Adapter(x.shape[1], ratio=ratio, mean=pooled.mean(0), scale=scale).to(backbone.device)
         params = list(self.adapter.parameters())
         schedule = Schedule.from_epochs(EPOCHS, len(y), BATCH, backbone.max_steps)
         per_epoch = max(1, len(y) // schedule.batch_size)
