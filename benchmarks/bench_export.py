@@ -58,7 +58,7 @@ def export_case(size: str, tmp_dir):
         example = torch.zeros(2, 3, *source.model.image_size, device=DEVICE)
         program = export_program(source, example, MAX_BATCH)
         path = str(tmp_dir / f"{name}.pt2")
-        compile_package(program, path, {}, freeze=source.model.config.mode == "shared")
+        compile_package(program, path, {})
         models["package"] = torch._inductor.aoti_load_package(path)
         _CASES[size] = name, models
     return _CASES[size]

@@ -124,7 +124,7 @@ def floor_loss(model: NearlCLIP, batch: Batch) -> torch.Tensor:
     for i in range(t_first, text.n_blocks):
         x_t = text.block(i, x_t, mask)
     txt = text.head(x_t, tokens)
-    logits = model._logits(image.head(x_v), txt.view(B, K, -1) if paired else txt)
+    logits = model.logits_from_features(image.head(x_v), txt.view(B, K, -1) if paired else txt)
     return F.cross_entropy(logits.float(), batch.labels)
 
 

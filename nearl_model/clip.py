@@ -152,6 +152,10 @@ class NearlCLIP(nn.Module):
         return self
 
     def _check_inputs(self, images: torch.Tensor, texts: torch.Tensor) -> None:
+        self._check_images(images)
+        self._check_texts(texts)
+
+    def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise TypeError(
                 f"images must be a float tensor (B, C, H, W), normalised as the backbone expects; "
@@ -162,6 +166,8 @@ class NearlCLIP(nn.Module):
             raise ValueError(
                 f"images must be (B, {channels}, {self.image_size[0]}, {self.image_size[1]}); got {tuple(images.shape)}"
             )
+
+    def _check_texts(self, texts: torch.Tensor) -> None:
         if not isinstance(texts, torch.Tensor) or texts.dtype not in (torch.int64, torch.int32):
             raise TypeError(
                 f"texts must be token ids (K, n) of dtype int64, e.g. from nearl_model.tokenize_prompts; "
@@ -229,12 +235,81 @@ class NearlCLIP(nn.Module):
             txt_f = txt_f.view(B, K, -1)
         return img_f, txt_f, penalty
 
+    def shared_text(self, texts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shared mode: everything that depends on the K prompts alone, computed once.
+
+        The text group's queries see text only, so neither the text tower nor
+        the text context that every image's queries attend to depends on the
+        images. Returns ``(text_ctx, text_valid, txt_f)``: the text tokens'
+        down-projections per interaction layer (n_layers, K*n, r), which of
+        them are real tokens (K*n,) bool, and the unnormalised text features
+        (K, D). :meth:`image_features` takes the first two; an exported
+        classifier keeps all three as constants and runs only the image tower.
+        """
+        if self.config.mode != "shared":
+            raise ValueError("shared_text needs mode='shared': in paired mode each image has its own text copies")
+        self._check_texts(texts)
+        texts = texts.long()
+        text, ad = self.text_tower, self.adapters
+        K, n = texts.shape
+        x_t = text.embed(texts)
+        t_mask = text.attention(texts, x_t)
+        valid = text.valid(texts).reshape(1, K * n)
+        z = ad.z0.unsqueeze(0)
+        contexts, next_txt = [], 0
+        for j in range(self.n_layers):
+            for i in range(next_txt, self.text_schedule[j] + 1):
+                x_t = text.block(i, x_t, t_mask)
+            next_txt = self.text_schedule[j] + 1
+            oca = ad.oca_text[j]
+            h_t = oca.down(x_t)
+            ctx = h_t.reshape(1, K * n, -1)
+            contexts.append(ctx[0])
+            z = ad.useformer[j](z, ctx, valid, fused=self.fused)
+            x_t = self._oca(oca, x_t, h_t, z, K)
+        for i in range(next_txt, text.n_blocks):
+            x_t = text.block(i, x_t, t_mask)
+        return torch.stack(contexts), valid[0], text.head(x_t, texts)
+
+    def image_features(self, images: torch.Tensor, text_ctx: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+        """Shared mode: unnormalised image features (B, D) against :meth:`shared_text`'s text context.
+
+        The same maths as the image half of :meth:`encode` in shared mode, with
+        the text side read from ``text_ctx`` instead of recomputed.
+        """
+        self._check_images(images)
+        image, ad = self.image_tower, self.adapters
+        x_v = image.embed(images)
+        B, Lv = x_v.shape[:2]
+        ctx_mask = torch.cat([text_valid.new_ones(B, Lv), text_valid.unsqueeze(0).expand(B, -1)], dim=1)
+        z = ad.z0.unsqueeze(0).expand(B, -1, -1)
+        next_img = 0
+        for j in range(self.n_layers):
+            for i in range(next_img, self.image_schedule[j] + 1):
+                x_v = image.block(i, x_v)
+            next_img = self.image_schedule[j] + 1
+            oca = ad.oca_image[j]
+            h_v = oca.down(x_v)
+            ctx = torch.cat([h_v, text_ctx[j].unsqueeze(0).expand(B, -1, -1)], dim=1)
+            z = ad.useformer[j](z, ctx, ctx_mask, fused=self.fused)
+            x_v = self._oca(oca, x_v, h_v, z, 1)
+        for i in range(next_img, image.n_blocks):
+            x_v = image.block(i, x_v)
+        return image.head(x_v)
+
+    def _oca(self, oca, x, h, z, group_size: int) -> torch.Tensor:
+        """One OCA's output under the configured constraint (the penalty ablation's term is not needed here)."""
+        if self.config.oca_constraint == "penalty":
+            return oca.forward_penalty(x, h, z, group_size, self.config.eps)[0]
+        return oca(x, h, z, group_size, self.config.eps, self.fused)
+
     def encode(self, images: torch.Tensor, texts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Normalised image (B, D) and text features: (B, K, D) paired, (K, D) shared."""
         img_f, txt_f, _ = self._features(images, texts)
         return F.normalize(img_f, dim=-1), F.normalize(txt_f, dim=-1)
 
-    def _logits(self, img_f: torch.Tensor, txt_f: torch.Tensor) -> torch.Tensor:
+    def logits_from_features(self, img_f: torch.Tensor, txt_f: torch.Tensor) -> torch.Tensor:
+        """``logit_scale * cos``: (B, K) from image features (B, D) and text features (B, K, D) or (K, D)."""
         img_f, txt_f = F.normalize(img_f, dim=-1), F.normalize(txt_f, dim=-1)
         scale = self.clip.logit_scale.exp()
         if txt_f.dim() == 3:
@@ -248,7 +323,7 @@ class NearlCLIP(nn.Module):
         does; going through ``forward`` keeps DistributedDataParallel's hooks.
         """
         img_f, txt_f, penalty = self._features(images, texts)
-        logits = self._logits(img_f, txt_f)
+        logits = self.logits_from_features(img_f, txt_f)
         if labels is None:
             return logits
         loss = F.cross_entropy(logits.float(), labels)

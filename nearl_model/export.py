@@ -49,16 +49,33 @@ class ExportError(Exception):
 class Classifier(nn.Module):
     """What the package runs: images (B, C, H, W), normalised -> (logits (B, K), probabilities (B, K)).
 
-    The prompt tokens are a buffer, so export bakes them in as a constant.
+    Paired mode: the prompt tokens are a buffer, so export bakes them in and
+    the package runs both towers (each image has its own text copies).
+    Shared mode: the text side depends on the prompts alone, so it is
+    computed here, once (:meth:`NearlCLIP.shared_text`), and its results are
+    the buffers: the package runs only the image tower and its adapters.
     """
 
     def __init__(self, model: nn.Module, texts: torch.Tensor):
         super().__init__()
         self.model = model
-        self.register_buffer("texts", texts.long(), persistent=True)
+        self.shared = model.config.mode == "shared"
+        if self.shared:
+            with torch.no_grad():
+                text_ctx, text_valid, text_features = model.shared_text(texts)
+            self.register_buffer("text_ctx", text_ctx)
+            self.register_buffer("text_valid", text_valid)
+            self.register_buffer("text_features", text_features)
+        else:
+            self.register_buffer("texts", texts.long())
 
     def forward(self, images: torch.Tensor):
-        logits = self.model(images, self.texts).float()
+        if self.shared:
+            img_f = self.model.image_features(images, self.text_ctx, self.text_valid)
+            logits = self.model.logits_from_features(img_f, self.text_features)
+        else:
+            logits = self.model(images, self.texts)
+        logits = logits.float()
         return logits, logits.softmax(dim=-1)
 
 
@@ -100,21 +117,13 @@ def export_program(classifier: Classifier, example: torch.Tensor, max_batch: int
         raise ExportError(f"torch.export cannot capture this model{where}: {type(err).__name__}: {first}") from err
 
 
-def compile_package(program, out: str, metadata: Dict[str, str], freeze: bool) -> None:
-    """AOTInductor-compile ``program`` into the package ``out``, written atomically.
-
-    ``freeze`` folds everything that depends only on constants into constants
-    at compile time: in shared mode, the prompts' token embeddings and the text
-    blocks before the first interaction layer.
-    """
+def compile_package(program, out: str, metadata: Dict[str, str]) -> None:
+    """AOTInductor-compile ``program`` into the package ``out``, written atomically."""
     configs = {"aot_inductor.metadata": metadata}
-    if freeze:
-        configs["freezing"] = True
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             try:
-                # Freezing folds constants only where no gradient is asked for.
                 with torch.no_grad():
                     torch._inductor.aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
             except OSError:
@@ -216,7 +225,7 @@ def export_run(model, run: dict, texts: torch.Tensor, adapter: str, out: str, de
     print(f"compiling with AOTInductor (a minute or more; torch.export took {time.time() - t0:.1f} s)", flush=True)
     with writing(out):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        compile_package(program, out, package_metadata(info), freeze=model.config.mode == "shared")
+        compile_package(program, out, package_metadata(info))
     info["max_abs_logit_difference"] = check_package(out, classifier, example, max_batch)
     with writing(sidecar_path(out)):
         atomic_write_text(sidecar_path(out), json.dumps(info, indent=2) + "\n")

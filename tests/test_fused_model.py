@@ -31,6 +31,20 @@ def test_fused_matches_reference_logits_and_adapter_grads(mode, texts, poison):
         assert (g - g_ref).abs().max() <= 1e-4 * g_ref.abs().max().clamp_min(1e-3), name
 
 
+def test_fused_shared_text_once_matches_the_reference_model(texts, poison):
+    # The exported shared package's split (the text group alone, then the images against its context)
+    # through the kernels: a one-group USEformer and a K-prompt OCA group, against the joint reference.
+    ref = perturb_adapters(make_model("shared", fused=False)).to(DEVICE)
+    fused = perturb_adapters(make_model("shared", fused=True)).to(DEVICE)
+    images, texts = images_for(ref).to(DEVICE), texts.to(DEVICE)
+    with torch.no_grad():
+        img_ref, txt_ref, _ = ref._features(images, texts)
+        ctx, valid, txt_f = fused.shared_text(texts)
+        img_f = fused.image_features(images, ctx, valid)
+    assert (txt_f - txt_ref).abs().max() <= 1e-4 * txt_ref.abs().max()
+    assert (img_f - img_ref).abs().max() <= 1e-4 * img_ref.abs().max()
+
+
 def test_autocast_bf16_outputs_in_input_dtype(texts):
     model = perturb_adapters(make_model(fused=True)).to(DEVICE)
     with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):

@@ -99,6 +99,26 @@ def test_paired_text_depends_on_image_shared_does_not(texts):
     assert torch.allclose(mixed[0], tp_a[0], atol=1e-6) and torch.allclose(mixed[1], tp_b[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("constraint", ["project", "penalty"])
+def test_shared_text_computed_once_gives_the_models_features(texts, constraint):
+    # Shared mode splits into what depends on the prompts alone (computed once, an exported package's
+    # constants) and the image path; together they are the model. In float64 the two orders of the same
+    # sums agree to rounding (~1e-16 per operation); 1e-10 leaves every depth of this model room.
+    model = perturb_adapters(make_model("shared", oca_constraint=constraint)).double()
+    images = images_for(model, batch=3).double()
+    with torch.no_grad():
+        img_f, txt_f, _ = model._features(images, texts)
+        ctx, valid, txt_once = model.shared_text(texts)
+        img_once = model.image_features(images, ctx, valid)
+    K, n = texts.shape
+    assert ctx.shape == (model.n_layers, K * n, model.config.r) and valid.shape == (K * n,)
+    assert valid.dtype == torch.bool
+    torch.testing.assert_close(txt_once, txt_f, rtol=0, atol=1e-10)
+    torch.testing.assert_close(img_once, img_f, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="mode='shared'"):
+        make_model("paired").shared_text(texts)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_oca_update_is_orthogonal_to_input(dtype):
     torch.manual_seed(0)
