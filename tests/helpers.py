@@ -1,5 +1,6 @@
 """Helpers shared by the tests (fixtures live in conftest.py)."""
 
+import contextlib
 import copy
 import os
 
@@ -91,6 +92,15 @@ def kernels_not_interpreted(monkeypatch):
     """For CLI tests (import it into the module): --fused on CPU takes the custom ops'
     reference maths; the kernels are tested elsewhere."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """``kernels_not_interpreted`` for module and session fixtures, which run before it: a training run
+    there under the interpreter took ~50 s where the CPU maths take under one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        yield
 
 
 def fails(argv, capsys, message, cli=None):

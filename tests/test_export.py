@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import fails, kernels_not_interpreted, tiny_config, write_image_folder  # noqa: F401 (autouse fixture)
+from helpers import fails, kernels_not_interpreted, reference_kernels, tiny_config, write_image_folder  # noqa: F401 (autouse fixture)
 from nearl_model import export, predict
 from nearl_model.data import LabeledImages
 from nearl_model.data.images import file_digest
@@ -40,7 +40,8 @@ def _train(root: pathlib.Path, mode: str) -> pathlib.Path:
     model = root / "tiny-2.json"
     model.write_text(json.dumps(tiny_config(2)))
     out = root / "run"
-    assert train(["--data", str(data), "--model", str(model), "--out", str(out), "--mode", mode, *FAST]) == 0
+    with reference_kernels():
+        assert train(["--data", str(data), "--model", str(model), "--out", str(out), "--mode", mode, *FAST]) == 0
     return out
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import fails, kernels_not_interpreted, write_dicom, write_image_folder  # noqa: F401 (autouse fixture)
+from helpers import fails, kernels_not_interpreted, reference_kernels, write_dicom, write_image_folder  # noqa: F401 (autouse fixture)
 from nearl_model import TINY_CLIP_CONFIG, NearlCLIP, NearlConfig, class_prompts, create_clip, evaluate, predict
 from nearl_model.backbones import load_pretrained_file
 from nearl_model.data import DataError, load_dataset, read_image
@@ -33,7 +33,8 @@ def folder(tmp_path_factory):
 def finished(folder, tmp_path_factory):
     """A finished run, to copy where a refusal must leave a run byte-identical."""
     out = tmp_path_factory.mktemp("runs") / "base"
-    assert main(["--data", str(folder), "--out", str(out), *FAST]) == 0
+    with reference_kernels():
+        assert main(["--data", str(folder), "--out", str(out), *FAST]) == 0
     return out
 
 

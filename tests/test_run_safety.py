@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import fails, kernels_not_interpreted, write_image_folder  # noqa: F401 (autouse fixture)
+from helpers import fails, kernels_not_interpreted, reference_kernels, write_image_folder  # noqa: F401 (autouse fixture)
 from nearl_model import NearlCLIP, _io, evaluate, predict, train
 from nearl_model._progress import Progress
 from nearl_model.adapter_io import read_adapter, read_run
@@ -25,7 +25,8 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["--data", str(folder), "--out", str(out), *FAST]) == 0
+    with reference_kernels():
+        assert main(["--data", str(folder), "--out", str(out), *FAST]) == 0
     return out
 
 
@@ -165,7 +166,9 @@ def test_adapters_are_validated_before_a_backbone_is_built(trained, tmp_path, mo
     def no_backbone(*a, **k):
         raise AssertionError("a backbone was built for an invalid adapter")
 
-    monkeypatch.setattr("nearl_model.backbones.create_clip", no_backbone)
+    # The name the loader calls. Patching nearl_model.backbones instead leaked: a loader first imported
+    # under that patch bound no_backbone for the rest of the session.
+    monkeypatch.setattr("nearl_model.loading.create_clip", no_backbone)
 
     def nan(t):
         t["z0"][0, 0] = float("nan")

@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from helpers import fails, kernels_not_interpreted, write_image_folder  # noqa: F401 (autouse fixture)
+from helpers import fails, kernels_not_interpreted, reference_kernels, write_image_folder  # noqa: F401 (autouse fixture)
 from nearl_model import NearlCLIP, _io, compare, evaluate
 from nearl_model.data import DataError
 from nearl_model.run_dir import COMMIT_NAME, STAGING_NAME, RunDir, RunDirError
@@ -40,7 +40,8 @@ def folder(tmp_path_factory):
 def base(folder, tmp_path_factory):
     """A finished run: the one every --overwrite below must not lose."""
     out = tmp_path_factory.mktemp("runs") / "base"
-    assert main(["--data", str(folder), "--out", str(out), *FAST]) == 0
+    with reference_kernels():
+        assert main(["--data", str(folder), "--out", str(out), *FAST]) == 0
     return out
 
 
