@@ -186,9 +186,24 @@ def _dwu_splits(n_tokens: int, n_col_blocks: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(n_tokens, 128), target // n_col_blocks, 65_535))
 
 
-@no_autocast
 def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype=None):
-    """Launch the two backward kernels, then reduce the per-tile partials in a fixed order."""
+    """Gradients for (x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr): :func:`oca_bwd_packed`, the scales' split."""
+    *grads, ds = oca_bwd_packed(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps,
+                                dot_dtype)
+    return (*grads, *_split_scales(ds, s_novel, s_incr))
+
+
+def _split_scales(ds: torch.Tensor, s_novel: torch.Tensor, s_incr: torch.Tensor):
+    """The two scalar gradients out of ``oca_bwd_packed``'s (2,) fp32 ``ds``, as views where the dtypes allow."""
+    d_novel, d_incr = ds.unbind()
+    return d_novel.to(s_novel.dtype), d_incr.to(s_incr.dtype)
+
+
+@no_autocast
+def oca_bwd_packed(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype=None):
+    """Launch the two backward kernels, then reduce the per-tile partials in a fixed order. The two scales'
+    gradients come as one (2,) fp32 tensor: a custom op's outputs may not alias each other, and two
+    scalars would cost two copies per call."""
     dot_dtype = resolve_dot_dtype(x, dot_dtype)
     tensors, grid, sizes, meta = _token_launch(
         x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, dot_dtype, "bwd")
@@ -231,12 +246,9 @@ def oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, 
     dz = dk @ w_k.float().t() + dv @ w_v.float().t()
     dw_k = zf.t() @ dk.reshape(-1, r)
     dw_v = zf.t() @ dv.reshape(-1, r)
-    # Outputs of a custom op may not alias each other: separate scalars.
-    ds_novel, ds_incr = ds_part.sum(0).unbind()
     return (
         dx, dh, dz.to(z.dtype), dw_k.to(w_k.dtype), dw_v.to(w_v.dtype),
-        dwu_part.sum(0).to(w_up.dtype), dbu_part.sum(0).to(b_up.dtype),
-        ds_novel.to(s_novel.dtype, copy=True), ds_incr.to(s_incr.dtype, copy=True),
+        dwu_part.sum(0).to(w_up.dtype), dbu_part.sum(0).to(b_up.dtype), ds_part.sum(0),
     )
 
 
@@ -270,16 +282,19 @@ def oca_bwd(
     s_incr: torch.Tensor, saved: List[torch.Tensor], n_heads: int, group_size: int, eps: float,
     dot_dtype: torch.dtype,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for (x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr); ``saved`` is oca_fwd's second output."""
+           torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for (x, h, z, w_k, w_v, w_up, b_up) and, as one (2,) fp32 tensor, for (s_novel, s_incr);
+    ``saved`` is oca_fwd's second output."""
     if use_triton(x):
-        return oca_bwd_triton(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype)
-    return _cpu_bwd(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, saved, n_heads, group_size, eps)
+        return oca_bwd_packed(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, n_heads, group_size, eps, dot_dtype)
+    *grads, d_novel, d_incr = _cpu_bwd(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, saved, n_heads,
+                                       group_size, eps)
+    return (*grads, torch.stack([d_novel.float(), d_incr.float()]))
 
 
 @oca_bwd.register_fake
 def _oca_bwd_fake(dy, x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr, saved, n_heads, group_size, eps, dot_dtype):
-    return tuple(torch.empty_like(t) for t in (x, h, z, w_k, w_v, w_up, b_up, s_novel, s_incr))
+    return (*(torch.empty_like(t) for t in (x, h, z, w_k, w_v, w_up, b_up)), x.new_empty(2, dtype=torch.float32))
 
 
 
@@ -304,7 +319,8 @@ class OCAFunction(torch.autograd.Function):
         if eager_cpu(dy):
             grads = _cpu_bwd(dy, *saved[:9], saved[9:], *ctx.config[:3])
         else:
-            grads = torch.ops.nearl.oca_bwd(dy.contiguous(), *saved[:9], list(saved[9:]), *ctx.config)
+            *grads, ds = torch.ops.nearl.oca_bwd(dy.contiguous(), *saved[:9], list(saved[9:]), *ctx.config)
+            grads = (*grads, *_split_scales(ds, saved[7], saved[8]))
         return (*grads, None, None, None, None)
 
 

@@ -110,7 +110,7 @@ def context_splits(Lc: int, BC: int) -> Tuple[int, int]:
 
 
 def _pack(params: List[torch.Tensor]) -> torch.Tensor:
-    # One fp32 buffer for the block's 18 tensors keeps the kernel signature short.
+    # One fp32 buffer for the block's 17 parameters keeps the kernel signature short.
     return torch.cat([p.detach().float().reshape(-1) for p in params])
 
 
@@ -139,10 +139,27 @@ def synergy_fwd_triton(z, ctx, ctx_mask, params, n_heads):
     return out, o, lse
 
 
-@no_autocast
+def _unpack(flat: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Per-parameter views of the packed gradient (``_pack``'s layout); a copy only for a non-fp32 parameter."""
+    grads, start = [], 0
+    for p in params:
+        grads.append(flat[start : start + p.numel()].view_as(p).to(p.dtype))
+        start += p.numel()
+    return grads
+
+
 def synergy_bwd_triton(dz, z, ctx, ctx_mask, params, o, lse, n_heads):
+    """Gradients for [z, ctx, *params]: :func:`synergy_bwd_packed`, the parameters' as views."""
+    dz_, dctx, dflat = synergy_bwd_packed(dz, z, ctx, ctx_mask, params, o, lse, n_heads)
+    return [dz_, dctx, *_unpack(dflat, params)]
+
+
+@no_autocast
+def synergy_bwd_packed(dz, z, ctx, ctx_mask, params, o, lse, n_heads):
     """Launch the four backward kernels (FFN chunks, tail, context splits, finish); the per-group
-    partial weight gradients are then summed in a fixed order."""
+    partial weight gradients are then summed in a fixed order. Returns dz, dctx and the parameters'
+    gradients packed as ``_pack`` packs them (fp32): one buffer, where 17 separate outputs would
+    cost 17 copies per call (a custom op's outputs may not alias each other)."""
     dz, z, ctx = dz.contiguous(), z.contiguous(), ctx.contiguous()
     mask = ctx_mask.contiguous().view(torch.uint8)
     G, M, r = z.shape
@@ -171,12 +188,7 @@ def synergy_bwd_triton(dz, z, ctx, ctx_mask, params, o, lse, n_heads):
            CH, M, r, n_heads, Q, scale=1.0 / math.sqrt(r // n_heads), BM=BM, BR=BR, BC=BC, **opts)
     launch(synergy_bwd_finish_kernel, (G,), z, packed, dq_part, dw_part, dz_out, dparts, NC, M, r, F, n_heads, P, Q,
            BM=BM, BR=BR, **opts)
-    dflat = dparts.sum(0)
-    grads, start = [], 0
-    for p in params:
-        grads.append(dflat[start : start + p.numel()].view_as(p).to(p.dtype, copy=True))
-        start += p.numel()
-    return [dz_out.to(z.dtype), dctx, *grads]
+    return dz_out.to(z.dtype), dctx, dparts.sum(0)
 
 
 @torch.library.triton_op("nearl::synergy_fwd", mutates_args=())
@@ -201,16 +213,19 @@ def _synergy_fwd_fake(z, ctx, ctx_mask, params, n_heads):
 @torch.library.triton_op("nearl::synergy_bwd", mutates_args=())
 def synergy_bwd(dz: torch.Tensor, z: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor,
                 params: List[torch.Tensor], saved: List[torch.Tensor], n_heads: int) -> List[torch.Tensor]:
-    """Gradients for [z, ctx, *params] in PARAM_NAMES order; ``saved`` is synergy_fwd's second output."""
+    """[dz, dctx, dparams]: dparams the parameters' gradients packed in PARAM_NAMES order (fp32);
+    ``saved`` is synergy_fwd's second output."""
     if use_triton(z):
         o, lse = saved
-        return synergy_bwd_triton(dz, z, ctx, ctx_mask, params, o, lse, n_heads)
-    return _cpu_bwd(dz, z, ctx, ctx_mask, _as_params(params), saved, n_heads)
+        return list(synergy_bwd_packed(dz, z, ctx, ctx_mask, params, o, lse, n_heads))
+    dz_, dctx, *dparams = _cpu_bwd(dz, z, ctx, ctx_mask, _as_params(params), saved, n_heads)
+    return [dz_, dctx, _pack(dparams)]
 
 
 @synergy_bwd.register_fake
 def _synergy_bwd_fake(dz, z, ctx, ctx_mask, params, saved, n_heads):
-    return [torch.empty_like(t) for t in (z, ctx, *params)]
+    return [torch.empty_like(z), torch.empty_like(ctx), z.new_empty(sum(p.numel() for p in params),
+                                                                    dtype=torch.float32)]
 
 
 
@@ -234,8 +249,9 @@ class SynergyFunction(torch.autograd.Function):
         if eager_cpu(dz):
             dz_, dctx, *dparams = _cpu_bwd(dz, z, ctx, ctx_mask, _as_params(params), saved, ctx_.n_heads)
         else:
-            dz_, dctx, *dparams = torch.ops.nearl.synergy_bwd(dz.contiguous(), z, ctx, ctx_mask, params, saved,
-                                                              ctx_.n_heads)
+            dz_, dctx, dflat = torch.ops.nearl.synergy_bwd(dz.contiguous(), z, ctx, ctx_mask, params, saved,
+                                                           ctx_.n_heads)
+            dparams = _unpack(dflat, params)
         return (dz_, dctx, None, None, *dparams)
 
 
