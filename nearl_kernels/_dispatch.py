@@ -122,7 +122,6 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-
 # Tests set this so every output buffer starts as NaN: an element a kernel
 # forgets to write then fails loudly instead of passing on leftover memory.
 POISON_OUTPUTS = False
